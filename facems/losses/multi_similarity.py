@@ -1,0 +1,264 @@
+"""Multi-Similarity loss (Wang et al., "Multi-Similarity Loss with General Pair Weighting for Deep
+Metric Learning", CVPR 2019), with the semantics of the paper's official code, vectorised.
+
+For anchor ``i`` with cosine similarities ``S_ik`` to the references:
+
+* positives ``P_i``: references with the anchor's label, the anchor itself excluded by index;
+  negatives ``N_i``: references with another label.
+* mining (optional): keep negative ``k`` when ``S_ik + epsilon > min_{p in P_i} S_ip``; keep positive
+  ``k`` when ``S_ik - epsilon < max_{n in N_i} S_in`` (strict, computed without gradient, against
+  the *unmined* extremes as in the official code).
+* ``l_i = 1/alpha * log(1 + sum_{P_i'} exp(-alpha (S_ik - base)))
+        + 1/beta  * log(1 + sum_{N_i'} exp( beta (S_ik - base)))``
+  over the mined sets, or 0 when either mined set is empty (the official code skips the anchor);
+* ``loss = sum_i l_i / A`` over all ``A`` anchors.
+
+``log(1 + sum exp(z))`` is evaluated as a logsumexp with an appended zero, shifted by the row maximum,
+so ``beta = 160`` with similarities near 1 stays finite in fp32.
+
+Defaults are the official code's: alpha 2, beta 40, base (lambda) 0.5, epsilon 0.1.
+pytorch-metric-learning's ``MultiSimilarityLoss`` defaults to alpha 2, beta 50, base 0.5 and its
+``MultiSimilarityMiner`` to epsilon 0.1.
+
+The forward pass computes the loss and its gradient with respect to the similarity matrix in one
+sweep over the rows (optionally in chunks of anchors), so the backward pass is two matrix products,
+as for the bare similarity matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from facems.losses.pairs import cosine_similarity_matrix, label_masks, resolve_references
+
+__all__ = ["MultiSimilarityLoss", "ms_loss", "ms_loss_from_masks", "ms_mine"]
+
+
+@torch.no_grad()
+def ms_mine(sim: Tensor, pos: Tensor, neg: Tensor, epsilon: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Multi-Similarity pair mining.
+
+    Args:
+        sim: ``(A, R)`` cosine similarities.
+        pos: ``(A, R)`` bool, positives of each anchor (self pair excluded).
+        neg: ``(A, R)`` bool, negatives of each anchor.
+        epsilon: mining margin.
+
+    Returns:
+        ``(pos_kept, neg_kept)``: bool ``(A, R)`` masks, subsets of ``pos`` and ``neg``. A negative is
+        kept when ``S + epsilon > min(S over pos)``, a positive when ``S - epsilon < max(S over neg)``;
+        an anchor with no positive keeps no negative and vice versa.
+    """
+    inf = torch.tensor(float("inf"), dtype=sim.dtype, device=sim.device)
+    min_pos = torch.where(pos, sim, inf).amin(dim=1, keepdim=True)
+    max_neg = torch.where(neg, sim, -inf).amax(dim=1, keepdim=True)
+    neg_kept = neg & (sim + epsilon > min_pos)
+    pos_kept = pos & (sim - epsilon < max_neg)
+    return pos_kept, neg_kept
+
+
+def _log1p_sum_exp(z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``log(1 + sum_{mask} exp(z))`` per row as a logsumexp with an appended zero.
+
+    Returns the per-row value ``(A,)`` and the softmax weights ``exp(z - value)`` on the mask
+    (zero elsewhere), which are the derivative of the value with respect to ``z``.
+    """
+    z = torch.where(mask, z, torch.tensor(float("-inf"), dtype=z.dtype, device=z.device))
+    shift = z.amax(dim=1, keepdim=True).clamp_min(0.0)  # >= 0 accounts for the appended zero
+    w = torch.exp(z - shift)  # masked entries: exp(-inf) = 0
+    total = w.sum(dim=1, keepdim=True) + torch.exp(-shift)
+    value = shift + torch.log(total)
+    w = w / total
+    return value.squeeze(1), w
+
+
+def _ms_rows(
+    sim: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    alpha: float,
+    beta: float,
+    base: float,
+    epsilon: float,
+    mining: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per-anchor MS losses ``(A,)`` and ``d l_i / d S_ik`` ``(A, R)`` for a block of anchors."""
+    if mining:
+        pos, neg = ms_mine(sim, pos, neg, epsilon)
+    lp, wp = _log1p_sum_exp(-alpha * (sim - base), pos)
+    ln, wn = _log1p_sum_exp(beta * (sim - base), neg)
+    valid = pos.any(dim=1) & neg.any(dim=1)
+    losses = torch.where(valid, lp / alpha + ln / beta, torch.zeros_like(lp))
+    grad = (wn - wp) * valid.unsqueeze(1).to(sim.dtype)
+    return losses, grad
+
+
+class _MSFromSimilarity(torch.autograd.Function):
+    """Sum of per-anchor MS losses from a similarity matrix; gradient computed in the forward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        sim: Tensor,
+        pos: Tensor,
+        neg: Tensor,
+        alpha: float,
+        beta: float,
+        base: float,
+        epsilon: float,
+        mining: bool,
+        chunk_size: int,
+    ) -> Tensor:
+        n = sim.shape[0]
+        step = n if chunk_size <= 0 else chunk_size
+        total = sim.new_zeros(())
+        grad = torch.empty_like(sim) if sim.requires_grad else None
+        for start in range(0, n, max(step, 1)):
+            rows = slice(start, min(start + step, n))
+            losses, g = _ms_rows(sim[rows], pos[rows], neg[rows], alpha, beta, base, epsilon, mining)
+            total = total + losses.sum()
+            if grad is not None:
+                grad[rows] = g
+        ctx.save_for_backward(grad if grad is not None else sim.new_empty(0))
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out, None, None, None, None, None, None, None, None)
+
+
+def ms_loss_from_masks(
+    sim: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    alpha: float = 2.0,
+    beta: float = 40.0,
+    base: float = 0.5,
+    epsilon: float = 0.1,
+    mining: bool = True,
+    chunk_size: int = 0,
+) -> Tensor:
+    """Sum over anchors of the Multi-Similarity loss ``l_i`` (not divided by the anchor count).
+
+    Args:
+        sim: ``(A, R)`` cosine similarities in [-1, 1]; computed in fp32 (other dtypes are upcast).
+        pos: ``(A, R)`` bool positives (self pairs excluded by the caller).
+        neg: ``(A, R)`` bool negatives.
+        alpha: positive scale.
+        beta: negative scale.
+        base: similarity margin ``lambda``.
+        epsilon: mining margin.
+        mining: apply MS mining before weighting.
+        chunk_size: process this many anchors at a time (0: all at once); bounds the temporaries to
+            ``chunk_size x R`` without changing the result.
+
+    Returns:
+        fp32 scalar, differentiable with respect to ``sim``.
+    """
+    if sim.shape != pos.shape or sim.shape != neg.shape:
+        raise ValueError(
+            f"sim, pos, neg must share a shape, got {tuple(sim.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}"
+        )
+    with torch.autocast(device_type=sim.device.type, enabled=False):
+        s = sim if sim.dtype in (torch.float32, torch.float64) else sim.float()
+        out = _MSFromSimilarity.apply(
+            s, pos.bool(), neg.bool(), alpha, beta, base, epsilon, mining, chunk_size
+        )
+    return out  # type: ignore[no-any-return]
+
+
+def ms_loss(
+    sim: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    alpha: float = 2.0,
+    beta: float = 40.0,
+    base: float = 0.5,
+    epsilon: float = 0.1,
+    mining: bool = True,
+    chunk_size: int = 0,
+) -> Tensor:
+    """Multi-Similarity loss averaged over the anchors (the rows of ``sim``).
+
+    See :func:`ms_loss_from_masks` for the arguments. Anchors that mine nothing count in the
+    denominator; with no rows the loss is 0, still connected to ``sim``.
+    """
+    total = ms_loss_from_masks(sim, pos, neg, alpha, beta, base, epsilon, mining, chunk_size)
+    return total / max(sim.shape[0], 1)
+
+
+def _check_hparams(alpha: float, beta: float, epsilon: float, chunk_size: int) -> None:
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = no chunking), got {chunk_size}")
+
+
+class MultiSimilarityLoss(nn.Module):
+    """Multi-Similarity loss with MS mining (official semantics, vectorised).
+
+    Args:
+        alpha: scale of the positive term (official 2; pytorch-metric-learning 2).
+        beta: scale of the negative term (official 40; pytorch-metric-learning 50).
+        base: similarity margin lambda (official 0.5; pytorch-metric-learning 0.5).
+        epsilon: mining margin (official 0.1; pytorch-metric-learning's miner 0.1).
+        mining: mine pairs before weighting them.
+        chunk_size: anchors per chunk (0: all); bounds memory to ``chunk_size x references``.
+
+    Call as ``loss(embeddings, labels)`` for a batch against itself, or
+    ``loss(embeddings, labels, ref_embeddings, ref_labels, anchor_index)`` for local anchors against
+    gathered references (``anchor_index``: the anchors' positions among the references, a ``(A,)``
+    tensor or an int offset; ``None`` when the references do not contain the anchors, e.g. a
+    memory bank). Returns the fp32 mean over anchors.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 40.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+        mining: bool = True,
+        chunk_size: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_hparams(alpha, beta, epsilon, chunk_size)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.base = float(base)
+        self.epsilon = float(epsilon)
+        self.mining = bool(mining)
+        self.chunk_size = int(chunk_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}, "
+            f"mining={self.mining}, chunk_size={self.chunk_size}"
+        )
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        anchor_index: Tensor | int | None = None,
+    ) -> Tensor:
+        refs, ref_labels, idx = resolve_references(
+            embeddings, labels, ref_embeddings, ref_labels, anchor_index
+        )
+        sim = cosine_similarity_matrix(embeddings, refs)
+        pos, neg = label_masks(labels, ref_labels, idx)
+        return ms_loss(
+            sim, pos, neg, self.alpha, self.beta, self.base, self.epsilon, self.mining, self.chunk_size
+        )
