@@ -101,7 +101,7 @@ class _MSFromSimilarity(torch.autograd.Function):
     """Sum of per-anchor MS losses from a similarity matrix; gradient computed in the forward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         sim: Tensor,
         pos: Tensor,
@@ -170,7 +170,7 @@ def ms_loss_from_masks(
         out = _MSFromSimilarity.apply(
             s, pos.bool(), neg.bool(), alpha, beta, base, epsilon, mining, chunk_size
         )
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def ms_loss(

@@ -1,0 +1,38 @@
+"""Pair losses on a cosine-similarity matrix: Multi-Similarity and the GPW family, and their
+cross-rank form."""
+
+from facems.losses.distributed import CrossRankLoss, all_gather_no_grad, all_gather_with_grad
+from facems.losses.gpw import (
+    BinomialDevianceLoss,
+    ContrastiveLoss,
+    LiftedStructureLoss,
+    TripletLoss,
+    binomial_deviance_loss,
+    contrastive_loss,
+    lifted_structure_loss,
+    triplet_all_loss,
+    triplet_batch_hard_loss,
+)
+from facems.losses.multi_similarity import MultiSimilarityLoss, ms_loss, ms_loss_from_masks, ms_mine
+from facems.losses.pairs import cosine_similarity_matrix, label_masks
+
+__all__ = [
+    "BinomialDevianceLoss",
+    "ContrastiveLoss",
+    "CrossRankLoss",
+    "LiftedStructureLoss",
+    "MultiSimilarityLoss",
+    "TripletLoss",
+    "all_gather_no_grad",
+    "all_gather_with_grad",
+    "binomial_deviance_loss",
+    "contrastive_loss",
+    "cosine_similarity_matrix",
+    "label_masks",
+    "lifted_structure_loss",
+    "ms_loss",
+    "ms_loss_from_masks",
+    "ms_mine",
+    "triplet_all_loss",
+    "triplet_batch_hard_loss",
+]
