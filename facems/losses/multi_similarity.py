@@ -61,21 +61,6 @@ def ms_mine(sim: Tensor, pos: Tensor, neg: Tensor, epsilon: float = 0.1) -> tupl
     return pos_kept, neg_kept
 
 
-def _log1p_sum_exp(z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``log(1 + sum_{mask} exp(z))`` per row as a logsumexp with an appended zero.
-
-    Returns the per-row value ``(A,)`` and the softmax weights ``exp(z - value)`` on the mask
-    (zero elsewhere), which are the derivative of the value with respect to ``z``.
-    """
-    z = torch.where(mask, z, torch.tensor(float("-inf"), dtype=z.dtype, device=z.device))
-    shift = z.amax(dim=1, keepdim=True).clamp_min(0.0)  # >= 0 accounts for the appended zero
-    w = torch.exp(z - shift)  # masked entries: exp(-inf) = 0
-    total = w.sum(dim=1, keepdim=True) + torch.exp(-shift)
-    value = shift + torch.log(total)
-    w = w / total
-    return value.squeeze(1), w
-
-
 def _ms_rows(
     sim: Tensor,
     pos: Tensor,
@@ -85,16 +70,53 @@ def _ms_rows(
     base: float,
     epsilon: float,
     mining: bool,
-) -> tuple[Tensor, Tensor]:
-    """Per-anchor MS losses ``(A,)`` and ``d l_i / d S_ik`` ``(A, R)`` for a block of anchors."""
+    grad_out: Tensor | None,
+) -> Tensor:
+    """Per-anchor MS losses ``(A,)`` for a block of anchors; writes ``d l_i / d S_ik`` to ``grad_out``.
+
+    Same result as applying :func:`ms_mine` and two masked logsumexps, in fewer passes over the
+    ``(A, R)`` block: the negative term is computed densely and in place, the positive term on the
+    (few, in P x K batches) positive pairs only, and "anything kept" per row is read off the row
+    extremes (a negative survives mining iff the hardest one does, a positive iff the hardest one
+    does).
+    """
+    neg_inf = float("-inf")
+    rows_p, cols_p = pos.nonzero(as_tuple=True)
+    s_pos = sim[rows_p, cols_p]
+    n = sim.shape[0]
+    min_pos = sim.new_full((n,), float("inf")).scatter_reduce(0, rows_p, s_pos, "amin")
+    z = torch.where(neg, sim, neg_inf)  # negatives only; becomes the negative term in place
+    max_neg = z.amax(dim=1)
     if mining:
-        pos, neg = ms_mine(sim, pos, neg, epsilon)
-    lp, wp = _log1p_sum_exp(-alpha * (sim - base), pos)
-    ln, wn = _log1p_sum_exp(beta * (sim - base), neg)
-    valid = pos.any(dim=1) & neg.any(dim=1)
-    losses = torch.where(valid, lp / alpha + ln / beta, torch.zeros_like(lp))
-    grad = (wn - wp) * valid.unsqueeze(1).to(sim.dtype)
-    return losses, grad
+        drop = torch.le(z + epsilon, min_pos.unsqueeze(1))  # complement of S + eps > min_pos
+        keep_p = s_pos - epsilon < max_neg[rows_p]
+        valid = (max_neg + epsilon > min_pos) & (min_pos - epsilon < max_neg)
+    else:
+        keep_p = torch.ones_like(s_pos, dtype=torch.bool)
+        valid = torch.isfinite(min_pos) & (max_neg > neg_inf)
+
+    # Negative term: 1/beta * log(1 + sum exp(beta (S - base))), shifted by max(0, row max).
+    z.sub_(base).mul_(beta)
+    if mining:
+        z.masked_fill_(drop, neg_inf)
+    shift_n = z.amax(dim=1, keepdim=True).clamp_min_(0.0)
+    z.sub_(shift_n).exp_()
+    total_n = z.sum(dim=1, keepdim=True).add_(torch.exp(-shift_n))
+    loss_n = (shift_n + torch.log(total_n)).squeeze(1) / beta
+
+    # Positive term on the positive pairs: 1/alpha * log(1 + sum exp(-alpha (S - base))).
+    zp = torch.where(keep_p, (s_pos - base) * -alpha, neg_inf)
+    shift_p = sim.new_zeros(n).scatter_reduce(0, rows_p, zp, "amax")  # include_self: the appended 0
+    ep = torch.exp(zp - shift_p[rows_p])
+    total_p = torch.exp(-shift_p).index_add_(0, rows_p, ep)
+    loss_p = (shift_p + torch.log(total_p)) / alpha
+
+    valid_f = valid.to(sim.dtype)
+    if grad_out is not None:
+        # d/dS: +softmax weights on kept negatives, -softmax weights on kept positives.
+        torch.mul(z, valid_f.unsqueeze(1) / total_n, out=grad_out)
+        grad_out[rows_p, cols_p] = -ep * (valid_f / total_p)[rows_p]
+    return (loss_p + loss_n) * valid_f
 
 
 class _MSFromSimilarity(torch.autograd.Function):
@@ -119,10 +141,9 @@ class _MSFromSimilarity(torch.autograd.Function):
         grad = torch.empty_like(sim) if sim.requires_grad else None
         for start in range(0, n, max(step, 1)):
             rows = slice(start, min(start + step, n))
-            losses, g = _ms_rows(sim[rows], pos[rows], neg[rows], alpha, beta, base, epsilon, mining)
+            block = grad[rows] if grad is not None else None
+            losses = _ms_rows(sim[rows], pos[rows], neg[rows], alpha, beta, base, epsilon, mining, block)
             total = total + losses.sum()
-            if grad is not None:
-                grad[rows] = g
         ctx.save_for_backward(grad if grad is not None else sim.new_empty(0))
         return total
 
