@@ -17,7 +17,7 @@ should report).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,51 +55,48 @@ def _gather_padded(x: Tensor, sizes: list[int], group: dist.ProcessGroup | None)
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, group: Any) -> Tensor:
-        sizes = _gather_sizes(x.shape[0], x.device, group)
+    def forward(ctx: FunctionCtx, x: Tensor, group: Any, sizes: list[int]) -> Tensor:
         rank = dist.get_rank(group)
         ctx.group = group  # type: ignore[attr-defined]
         ctx.rows = (sum(sizes[:rank]), sizes[rank])  # type: ignore[attr-defined]
         return _gather_padded(x, sizes, group)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         # Every rank's loss depends on every rank's rows: sum the gradients, keep our own rows.
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start, count = ctx.rows
-        return grad[start : start + count], None
+        return grad[start : start + count], None, None
 
 
-def all_gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+def all_gather_with_grad(
+    x: Tensor, group: dist.ProcessGroup | None = None, sizes: list[int] | None = None
+) -> Tensor:
     """Concatenate ``x`` (rows may differ in number) from every rank, in rank order, differentiably.
 
     The backward pass all-reduces the incoming gradient and returns this rank's rows, so every
     rank's use of the gathered tensor reaches the rank that owns the rows. All ranks must call
-    backward. Without an initialised process group this returns ``x``.
+    backward. Without an initialised process group this returns ``x``. ``sizes`` (every rank's row
+    count, when the caller already gathered them) saves one collective.
     """
     if world_info(group)[1] == 1:
         return x
-    return _AllGatherWithGrad.apply(x, group)
+    if sizes is None:
+        sizes = _gather_sizes(x.shape[0], x.device, group)
+    return _AllGatherWithGrad.apply(x, group, sizes)
 
 
 @torch.no_grad()
-def all_gather_no_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+def all_gather_no_grad(
+    x: Tensor, group: dist.ProcessGroup | None = None, sizes: list[int] | None = None
+) -> Tensor:
     """Concatenate ``x`` from every rank in rank order, without gradient (labels, indices)."""
     if world_info(group)[1] == 1:
         return x
-    return _gather_padded(x, _gather_sizes(x.shape[0], x.device, group), group)
-
-
-class PairLoss(Protocol):
-    def __call__(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        ref_embeddings: Tensor | None = ...,
-        ref_labels: Tensor | None = ...,
-        anchor_index: Tensor | int | None = ...,
-    ) -> Tensor: ...
+    if sizes is None:
+        sizes = _gather_sizes(x.shape[0], x.device, group)
+    return _gather_padded(x, sizes, group)
 
 
 class CrossRankLoss(nn.Module):
@@ -125,8 +122,8 @@ class CrossRankLoss(nn.Module):
         if world == 1:
             return self.loss(embeddings, labels)
         sizes = _gather_sizes(embeddings.shape[0], embeddings.device, self.group)
-        refs = all_gather_with_grad(embeddings, self.group)
-        ref_labels = all_gather_no_grad(labels, self.group)
+        refs = all_gather_with_grad(embeddings, self.group, sizes)
+        ref_labels = all_gather_no_grad(labels, self.group, sizes)
         offset = sum(sizes[:rank])
         local_mean = self.loss(embeddings, labels, refs, ref_labels, offset)
         # local_mean = sum_local l_i / b_r; we want W * sum_local l_i / N.

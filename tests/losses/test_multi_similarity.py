@@ -347,3 +347,18 @@ def test_documented_difference_pml_early_exit() -> None:
     assert abs(ours - want) < 1e-12
     assert abs(ours - float(reference_ms(emb, labels.tolist()))) < 1e-12
     assert float(pml_loss(emb, labels, ALPHA, BETA, BASE, EPS)) == 0.0
+
+
+def test_automatic_chunks_do_not_change_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import facems.losses.multi_similarity as ms
+
+    emb, labels = clustered(10, 4, 16, spread=0.4, seed=6)
+    a = emb.clone().requires_grad_(True)
+    b = emb.clone().requires_grad_(True)
+    whole = MultiSimilarityLoss(chunk_size=0)(a, labels)
+    monkeypatch.setattr(ms, "AUTO_CHUNK_ELEMENTS", 7 * 40)  # 7 anchors per chunk: 6 chunks, last short
+    auto = MultiSimilarityLoss()(b, labels)
+    whole.backward()
+    auto.backward()
+    assert abs(float(whole) - float(auto)) < 1e-12
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
