@@ -1,0 +1,1 @@
+"""Data: RecordIO packs, face datasets, the distributed P x K sampler, alignment, .bin pair files."""
