@@ -13,8 +13,8 @@ from facems.losses.gpw import (
     triplet_all_loss,
     triplet_batch_hard_loss,
 )
-from facems.losses.multi_similarity import MultiSimilarityLoss, ms_loss, ms_loss_from_masks, ms_mine
-from facems.losses.pairs import cosine_similarity_matrix, label_masks
+from facems.losses.multi_similarity import MultiSimilarityLoss, ms_loss, ms_mine
+from facems.losses.pairs import PairLoss, cosine_similarity_matrix, label_masks
 
 __all__ = [
     "BinomialDevianceLoss",
@@ -22,6 +22,7 @@ __all__ = [
     "CrossRankLoss",
     "LiftedStructureLoss",
     "MultiSimilarityLoss",
+    "PairLoss",
     "TripletLoss",
     "all_gather_no_grad",
     "all_gather_with_grad",
@@ -31,7 +32,6 @@ __all__ = [
     "label_masks",
     "lifted_structure_loss",
     "ms_loss",
-    "ms_loss_from_masks",
     "ms_mine",
     "triplet_all_loss",
     "triplet_batch_hard_loss",

@@ -32,9 +32,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from facems.losses.pairs import cosine_similarity_matrix, label_masks, resolve_references
+from facems.losses.pairs import PairLoss
 
 __all__ = [
     "BinomialDevianceLoss",
@@ -292,45 +292,7 @@ def binomial_deviance_loss(
 # ----------------------------------------------------------------------------------------------
 # modules
 # ----------------------------------------------------------------------------------------------
-class _PairLoss(nn.Module):
-    """Shared ``forward``: embeddings and labels -> (sim, pos, neg) -> :meth:`_loss`."""
-
-    def _loss(self, sim: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        ref_embeddings: Tensor | None = None,
-        ref_labels: Tensor | None = None,
-        anchor_index: Tensor | int | None = None,
-    ) -> Tensor:
-        """Loss of the anchors against the references.
-
-        Args:
-            embeddings: ``(A, D)`` anchor embeddings (any float dtype, need not be normalised;
-                similarities are cosine similarities computed in fp32).
-            labels: ``(A,)`` integer labels of the anchors.
-            ref_embeddings: ``(R, D)`` reference embeddings (e.g. the gathered global batch or a
-                memory bank); ``None`` uses the anchors themselves.
-            ref_labels: ``(R,)`` labels of the references; given together with ``ref_embeddings``.
-            anchor_index: position of the anchors among the references, to exclude self pairs:
-                a ``(A,)`` tensor, an ``int`` offset of a contiguous block, or ``None`` when the
-                anchors are not among the references.
-
-        Returns:
-            Scalar fp32 loss.
-        """
-        refs, ref_labels, idx = resolve_references(
-            embeddings, labels, ref_embeddings, ref_labels, anchor_index
-        )
-        sim = cosine_similarity_matrix(embeddings, refs)
-        pos, neg = label_masks(labels, ref_labels, idx)
-        return self._loss(sim, pos, neg)
-
-
-class ContrastiveLoss(_PairLoss):
+class ContrastiveLoss(PairLoss):
     """Module form of :func:`contrastive_loss`.
 
     Args:
@@ -350,7 +312,7 @@ class ContrastiveLoss(_PairLoss):
         return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}"
 
 
-class TripletLoss(_PairLoss):
+class TripletLoss(PairLoss):
     """Module form of :func:`triplet_batch_hard_loss` / :func:`triplet_all_loss`.
 
     Args:
@@ -383,7 +345,7 @@ class TripletLoss(_PairLoss):
         return f"margin={self.margin}, mining={self.mining!r}{extra}"
 
 
-class LiftedStructureLoss(_PairLoss):
+class LiftedStructureLoss(PairLoss):
     """Module form of :func:`lifted_structure_loss`.
 
     Args:
@@ -401,7 +363,7 @@ class LiftedStructureLoss(_PairLoss):
         return f"margin={self.margin}"
 
 
-class BinomialDevianceLoss(_PairLoss):
+class BinomialDevianceLoss(PairLoss):
     """Module form of :func:`binomial_deviance_loss`.
 
     Args:

@@ -30,14 +30,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from facems.losses.pairs import cosine_similarity_matrix, label_masks, resolve_references
+from facems.losses.pairs import PairLoss
 
 AUTO_CHUNK_ELEMENTS = 1 << 20
 
-__all__ = ["MultiSimilarityLoss", "ms_loss", "ms_loss_from_masks", "ms_mine"]
+__all__ = ["MultiSimilarityLoss", "ms_loss", "ms_mine"]
 
 
 @torch.no_grad()
@@ -158,47 +158,6 @@ class _MSFromSimilarity(torch.autograd.Function):
         return (grad * grad_out, None, None, None, None, None, None, None, None)
 
 
-def ms_loss_from_masks(
-    sim: Tensor,
-    pos: Tensor,
-    neg: Tensor,
-    alpha: float = 2.0,
-    beta: float = 40.0,
-    base: float = 0.5,
-    epsilon: float = 0.1,
-    mining: bool = True,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Sum over anchors of the Multi-Similarity loss ``l_i`` (not divided by the anchor count).
-
-    Args:
-        sim: ``(A, R)`` cosine similarities in [-1, 1]; computed in fp32 (other dtypes are upcast).
-        pos: ``(A, R)`` bool positives (self pairs excluded by the caller).
-        neg: ``(A, R)`` bool negatives.
-        alpha: positive scale.
-        beta: negative scale.
-        base: similarity margin ``lambda``.
-        epsilon: mining margin.
-        mining: apply MS mining before weighting.
-        chunk_size: process this many anchors at a time (0: all at once; None: blocks of about
-            2^20 similarities, which measured fastest on CPU); bounds the temporaries to
-            ``chunk_size x R`` without changing the result.
-
-    Returns:
-        fp32 scalar, differentiable with respect to ``sim``.
-    """
-    if sim.shape != pos.shape or sim.shape != neg.shape:
-        raise ValueError(
-            f"sim, pos, neg must share a shape, got {tuple(sim.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}"
-        )
-    with torch.autocast(device_type=sim.device.type, enabled=False):
-        s = sim if sim.dtype in (torch.float32, torch.float64) else sim.float()
-        out = _MSFromSimilarity.apply(
-            s, pos.bool(), neg.bool(), alpha, beta, base, epsilon, mining, chunk_size
-        )
-    return out
-
-
 def ms_loss(
     sim: Tensor,
     pos: Tensor,
@@ -212,10 +171,33 @@ def ms_loss(
 ) -> Tensor:
     """Multi-Similarity loss averaged over the anchors (the rows of ``sim``).
 
-    See :func:`ms_loss_from_masks` for the arguments. Anchors that mine nothing count in the
-    denominator; with no rows the loss is 0, still connected to ``sim``.
+    Args:
+        sim: ``(A, R)`` cosine similarities in [-1, 1]; the loss is computed in fp32 (half-precision
+            inputs are upcast, also under autocast) or fp64 for fp64 inputs.
+        pos: ``(A, R)`` bool positives (self pairs excluded by the caller).
+        neg: ``(A, R)`` bool negatives.
+        alpha: positive scale.
+        beta: negative scale.
+        base: similarity margin ``lambda``.
+        epsilon: mining margin.
+        mining: apply MS mining before weighting.
+        chunk_size: process this many anchors at a time (0: all at once; None: blocks of about
+            2^20 similarities, which measured fastest on CPU); bounds the temporaries to
+            ``chunk_size x R`` without changing the result.
+
+    Returns:
+        Scalar ``sum_i l_i / A``, differentiable with respect to ``sim``. Anchors that mine nothing
+        count in the denominator; with no rows the loss is 0, still connected to ``sim``.
     """
-    total = ms_loss_from_masks(sim, pos, neg, alpha, beta, base, epsilon, mining, chunk_size)
+    if sim.shape != pos.shape or sim.shape != neg.shape:
+        raise ValueError(
+            f"sim, pos, neg must share a shape, got {tuple(sim.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}"
+        )
+    with torch.autocast(device_type=sim.device.type, enabled=False):
+        s = sim if sim.dtype in (torch.float32, torch.float64) else sim.float()
+        total = _MSFromSimilarity.apply(
+            s, pos.bool(), neg.bool(), alpha, beta, base, epsilon, mining, chunk_size
+        )
     return total / max(sim.shape[0], 1)
 
 
@@ -230,7 +212,7 @@ def _check_hparams(alpha: float, beta: float, epsilon: float, chunk_size: int | 
         raise ValueError(f"chunk_size must be None (auto), 0 (no chunking) or positive, got {chunk_size}")
 
 
-class MultiSimilarityLoss(nn.Module):
+class MultiSimilarityLoss(PairLoss):
     """Multi-Similarity loss with MS mining (official semantics, vectorised).
 
     Args:
@@ -273,19 +255,7 @@ class MultiSimilarityLoss(nn.Module):
             f"mining={self.mining}, chunk_size={self.chunk_size}"
         )
 
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        ref_embeddings: Tensor | None = None,
-        ref_labels: Tensor | None = None,
-        anchor_index: Tensor | int | None = None,
-    ) -> Tensor:
-        refs, ref_labels, idx = resolve_references(
-            embeddings, labels, ref_embeddings, ref_labels, anchor_index
-        )
-        sim = cosine_similarity_matrix(embeddings, refs)
-        pos, neg = label_masks(labels, ref_labels, idx)
+    def _loss(self, sim: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         return ms_loss(
             sim, pos, neg, self.alpha, self.beta, self.base, self.epsilon, self.mining, self.chunk_size
         )

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["cosine_similarity_matrix", "label_masks", "resolve_references"]
+__all__ = ["PairLoss", "cosine_similarity_matrix", "label_masks", "resolve_references"]
 
 
 def cosine_similarity_matrix(embeddings: Tensor, references: Tensor) -> Tensor:
@@ -121,3 +121,44 @@ def resolve_references(
             "labels differ from ref_labels at anchor_index: anchors must be their own references"
         )
     return ref_embeddings, ref_labels, idx
+
+
+class PairLoss(nn.Module):
+    """Base of the pair-loss modules: embeddings and labels -> (sim, pos, neg) -> :meth:`_loss`.
+
+    Subclasses implement ``_loss(sim, pos, neg)`` as a call to their pure tensor function.
+    """
+
+    def _loss(self, sim: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        anchor_index: Tensor | int | None = None,
+    ) -> Tensor:
+        """Loss of the anchors against the references.
+
+        Args:
+            embeddings: ``(A, D)`` anchor embeddings (any float dtype, need not be normalised;
+                similarities are cosine similarities computed in fp32).
+            labels: ``(A,)`` integer labels of the anchors.
+            ref_embeddings: ``(R, D)`` reference embeddings (e.g. the gathered global batch or a
+                memory bank); ``None`` uses the anchors themselves.
+            ref_labels: ``(R,)`` labels of the references; given together with ``ref_embeddings``.
+            anchor_index: position of the anchors among the references, to exclude self pairs:
+                a ``(A,)`` tensor, an ``int`` offset of a contiguous block, or ``None`` when the
+                anchors are not among the references.
+
+        Returns:
+            Scalar fp32 loss.
+        """
+        refs, ref_labels, idx = resolve_references(
+            embeddings, labels, ref_embeddings, ref_labels, anchor_index
+        )
+        sim = cosine_similarity_matrix(embeddings, refs)
+        pos, neg = label_masks(labels, ref_labels, idx)
+        return self._loss(sim, pos, neg)

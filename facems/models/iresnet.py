@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from facems.models.registry import register_model
+from facems.models.registry import check_face_input, register_model
 
 __all__ = [
     "IBasicBlock",
@@ -35,8 +35,6 @@ __all__ = [
     "iresnet200",
     "iresnet_tiny",
 ]
-
-INPUT_SIZE = (112, 112)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -176,11 +174,7 @@ class IResNet(nn.Module):
         Raises:
             ValueError: If ``x`` is not 4-D with a 112x112 spatial size.
         """
-        if x.dim() != 4 or tuple(x.shape[-2:]) != INPUT_SIZE:
-            raise ValueError(
-                f"IResNet expects input of shape (N, 3, 112, 112), got {tuple(x.shape)}; "
-                "the fc layer is sized for a 7x7 final feature map"
-            )
+        check_face_input(x, "IResNet")
         x = self.conv1(x)
         x = self.bn1(x)
         x = self.prelu(x)

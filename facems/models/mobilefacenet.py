@@ -44,11 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from facems.models.registry import register_model
+from facems.models.registry import check_face_input, register_model
 
 __all__ = ["GDC", "ConvBlock", "DepthWise", "LinearBlock", "MobileFaceNet", "Residual", "mbf"]
-
-INPUT_SIZE = (112, 112)
 
 _Pair = tuple[int, int]
 
@@ -234,11 +232,7 @@ class MobileFaceNet(nn.Module):
         Raises:
             ValueError: If ``x`` is not 4-D with a 112x112 spatial size.
         """
-        if x.dim() != 4 or tuple(x.shape[-2:]) != INPUT_SIZE:
-            raise ValueError(
-                f"MobileFaceNet expects input of shape (N, 3, 112, 112), got {tuple(x.shape)}; "
-                "the GDC head is sized for a 7x7 final feature map"
-            )
+        check_face_input(x, "MobileFaceNet")
         for layer in self.layers:
             x = layer(x)
         with torch.autocast(device_type=x.device.type, enabled=False):

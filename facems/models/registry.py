@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
 ModelFn = TypeVar("ModelFn", bound=Callable[..., nn.Module])
 
@@ -57,3 +57,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}") from None
     return fn(**kwargs)
+
+
+def check_face_input(x: Tensor, model: str, size: tuple[int, int] = (112, 112)) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``(N, C, *size)``: the heads are sized for a 7x7 map."""
+    if x.dim() != 4 or tuple(x.shape[-2:]) != size:
+        raise ValueError(
+            f"{model} expects input of shape (N, 3, {size[0]}, {size[1]}), got {tuple(x.shape)}; "
+            "its head is sized for a 7x7 final feature map"
+        )

@@ -45,7 +45,7 @@ def train_single(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return model.state_dict(), losses
 
 
