@@ -1,1 +1,37 @@
 """Data: RecordIO packs, face datasets, the distributed P x K sampler, alignment, .bin pair files."""
+
+from facems.data.align import ARCFACE_TEMPLATE, estimate_norm, landmarks68_to_5, norm_crop
+from facems.data.binfile import BinFileError, load_bin, save_bin
+from facems.data.datasets import DatasetError, ImageFolderFaceDataset, RecordFaceDataset, decode_image
+from facems.data.recordio import (
+    IndexedRecordReader,
+    IndexedRecordWriter,
+    IRHeader,
+    RecordIOError,
+    iter_records,
+    pack,
+    unpack,
+)
+from facems.data.samplers import DistributedPKSampler
+
+__all__ = [
+    "ARCFACE_TEMPLATE",
+    "BinFileError",
+    "DatasetError",
+    "DistributedPKSampler",
+    "IRHeader",
+    "ImageFolderFaceDataset",
+    "IndexedRecordReader",
+    "IndexedRecordWriter",
+    "RecordFaceDataset",
+    "RecordIOError",
+    "decode_image",
+    "estimate_norm",
+    "iter_records",
+    "landmarks68_to_5",
+    "load_bin",
+    "norm_crop",
+    "pack",
+    "save_bin",
+    "unpack",
+]
