@@ -260,7 +260,17 @@ class RecordFaceDataset(_FaceDataset):
             )
 
     def _encoded(self, index: int) -> bytes:
-        return unpack(self.reader.read(int(self.keys[index])))[1]
+        key = int(self.keys[index])
+        head, payload = unpack(self.reader.read(key))
+        # insightface's loader trains on the record's own label: it must agree with the identity
+        # record that lists this key (checked here, for free, instead of reading every header at open).
+        stored = float(np.asarray(head.label).reshape(-1)[0])
+        if stored != self._labels[index]:
+            raise DatasetError(
+                f"{self.reader.rec_path}: key {key}: record label {stored:g} differs from identity "
+                f"{int(self._labels[index])} whose identity record lists this key"
+            )
+        return payload
 
     def _where(self, index: int) -> str:
         return f"{self.reader.rec_path}: key {int(self.keys[index])}"

@@ -104,6 +104,20 @@ def test_identity_ranges_must_cover_images(tmp_path: Path) -> None:
         RecordFaceDataset(tmp_path)
 
 
+def test_record_label_must_match_identity_record(tmp_path: Path) -> None:
+    with IndexedRecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        w.write(0, pack(IRHeader(2, np.array([3, 5], np.float32), 0, 0), b""))
+        w.write(1, pack(IRHeader(0, 0.0, 1, 0), jpeg(1)))
+        w.write(2, pack(IRHeader(0, 0.0, 2, 0), jpeg(2)))  # says class 0, listed under identity 1
+        w.write(3, pack(IRHeader(2, np.array([1, 2], np.float32), 0, 0), b""))
+        w.write(4, pack(IRHeader(2, np.array([2, 3], np.float32), 0, 0), b""))
+    (tmp_path / "property").write_text("2,112,112")
+    ds = RecordFaceDataset(tmp_path)
+    assert ds[0][1] == 0
+    with pytest.raises(DatasetError, match="key 2: record label 0 differs from identity 1"):
+        ds[1]
+
+
 def test_undecodable_image_is_replaced_and_counted(tmp_path: Path) -> None:
     write_insightface_pack(tmp_path, [3, 3], corrupt=(2,))
     ds = RecordFaceDataset(tmp_path, max_bad_fraction=0.2)
