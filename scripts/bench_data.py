@@ -1,0 +1,148 @@
+"""Benchmark the training input path: images/s of rec pack -> P x K batches of uint8 tensors.
+
+    python scripts/bench_data.py                  # 20k synthetic 112x112 q95 JPEGs, 2000 identities
+    python scripts/bench_data.py --root /data/faces_emore --workers 1 2 4 8
+
+Methods, all on the same P x K identity plan (DistributedPKSampler, one rank):
+  floor        one process, no DataLoader: IndexedRecordReader.read + unpack + cv2.imdecode + RGB CHW
+  facems       RecordFaceDataset + DataLoader(num_workers=w, batch_size=P*K, pin_memory=False,
+               persistent_workers=True): uint8 batches
+  torchvision  ImageFolder + PIL + ToTensor (float batches) on the pack's JPEGs exported byte for byte
+Without --root, synthetic JPEGs (smooth noise around a per-identity base) are packed with
+facems.data.pack in a temporary folder. Every file is read once first: the page cache is warm, this
+measures decode and transport, not the disk. In each epoch the first 2 * w + 1 batches (the
+DataLoader's prefetch; 1 for the floor) are not timed. All methods run in --repeats interleaved
+rounds and the best round of each is shown (the least disturbed by other load on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from facems.data.datasets import RecordFaceDataset
+from facems.data.pack import pack_image_folder
+from facems.data.recordio import unpack
+from facems.data.samplers import DistributedPKSampler
+
+NAMES = ("facems RecordFaceDataset", "torchvision ImageFolder+PIL")
+
+
+def synth_folder(root: Path, images: int, identities: int, seed: int) -> None:
+    """``images`` smooth random 112x112 q95 JPEGs in ``root/<identity>/``, spread evenly over identities."""
+    rng = np.random.default_rng(seed)
+    for c in range(identities):
+        (root / f"{c:06d}").mkdir(parents=True)
+        base = rng.normal(128, 50, (14, 14, 3))
+        for i in range(images // identities + (c < images % identities)):
+            low = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            img = cv2.resize(low, (112, 112), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+            img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)  # fine texture
+            cv2.imwrite(str(root / f"{c:06d}" / f"{i:04d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+
+
+def export_folder(ds: RecordFaceDataset, root: Path) -> int:
+    """Write every image of the pack, bytes unchanged, to ``root/<label>/<key>.jpg``; returns total bytes."""
+    total = 0
+    for i, key in enumerate(ds.keys.tolist()):
+        folder = root / f"{int(ds.labels[i]):06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        total += (folder / f"{key:09d}.jpg").write_bytes(unpack(ds.reader.read(key))[1])
+    return total
+
+
+def measure(make_epoch: Callable[[int], Iterator[int]], seconds: float, warmup: int) -> float:
+    """Images/s over at least ``seconds`` of timed batches; ``make_epoch(e)`` yields batch sizes."""
+    images, spent, epoch = 0, 0.0, 0
+    while spent < seconds:
+        batches = make_epoch(epoch)
+        epoch += 1
+        for _ in range(warmup):
+            next(batches)
+        t0 = time.perf_counter()
+        for n in batches:
+            images += n
+            if spent + time.perf_counter() - t0 >= seconds:
+                break
+        spent += time.perf_counter() - t0
+    return images / spent
+
+
+def floor_epoch(ds: RecordFaceDataset, sampler: DistributedPKSampler, epoch: int) -> Iterator[int]:
+    sampler.set_epoch(epoch)
+    for batch in sampler.plan():
+        for key in ds.keys[batch].tolist():
+            bgr = cv2.imdecode(np.frombuffer(unpack(ds.reader.read(key))[1], np.uint8), cv2.IMREAD_COLOR)
+            assert bgr is not None, f"key {key} does not decode"
+            np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))
+        yield len(batch)
+
+
+def loader_epoch(loader: DataLoader, epoch: int) -> Iterator[int]:
+    loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    return (len(images) for images, _ in loader)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--root", type=Path, help="an existing pack instead of a synthetic one")
+    parser.add_argument("--images", type=int, default=20000, help="synthetic images (20000)")
+    parser.add_argument("--identities", type=int, default=2000, help="synthetic identities (2000)")
+    parser.add_argument("--p", type=int, default=64, help="identities per batch (64)")
+    parser.add_argument("--k", type=int, default=4, help="images per identity (4)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers (1 2)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement (3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all methods; best kept (3)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import torchvision  # only the comparison needs it
+
+    with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp_name:
+        tmp, root, t0 = Path(tmp_name), args.root, time.perf_counter()
+        if root is None:
+            synth_folder(tmp / "synth", args.images, args.identities, args.seed)
+            root = tmp / "pack"
+            pack_image_folder(tmp / "synth", root, workers=os.cpu_count() or 1, progress=False)
+            print(f"built a pack of {args.images} synthetic images in {time.perf_counter() - t0:.1f} s")
+        ds = RecordFaceDataset(root)
+        jpeg_bytes = export_folder(ds, tmp / "export")
+        for path in [root / "train.rec", *(tmp / "export").rglob("*.jpg")]:
+            path.read_bytes()  # warm the page cache
+        tv = torchvision.datasets.ImageFolder(str(tmp / "export"), torchvision.transforms.ToTensor())
+        samplers = [DistributedPKSampler(y, args.p, args.k, 1, 0, args.seed) for y in (ds.labels, tv.targets)]
+        print(
+            f"{len(ds)} images, {ds.num_classes} identities, mean JPEG {jpeg_bytes / len(ds) / 1024:.1f} KiB, "
+            f"batch {args.p}x{args.k}, {samplers[0].steps_per_epoch} steps/epoch, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__}, OpenCV {cv2.__version__}; page cache warm (every file read once)"
+        )
+        runs = [("floor: read+unpack+imdecode", 0, partial(floor_epoch, ds, samplers[0]))]
+        for name, data, smp in zip(NAMES, (ds, tv), samplers):
+            for w in args.workers:
+                if smp.steps_per_epoch <= 2 * w + 2:
+                    raise SystemExit(f"{smp.steps_per_epoch} steps per epoch: too few to warm up {w} workers")
+                loader = DataLoader(data, smp.batch_size, sampler=smp, num_workers=w, persistent_workers=True)
+                runs.append((name, w, partial(loader_epoch, loader)))  # pin_memory=False: the default
+        best = [0.0] * len(runs)
+        for _ in range(args.repeats):  # interleaved rounds, best kept: others' load on a shared machine
+            for i, (_, w, make_epoch) in enumerate(runs):
+                best[i] = max(best[i], measure(make_epoch, args.seconds, warmup=2 * w + 1 if w else 1))
+        floor = best[0]
+        print(f"\n| {'method':<30} | workers | images/s | images/s per worker | % of floor per worker |")
+        print(f"|{'-' * 32}|---------|----------|---------------------|-----------------------|")
+        for (name, w, _), rate in zip(runs, best):
+            per = rate / max(w, 1)
+            print(f"| {name:<30} | {w or 'main':>7} | {rate:>8.0f} | {per:>19.0f} | {per / floor:>21.1%} |")
+
+
+if __name__ == "__main__":
+    main()
