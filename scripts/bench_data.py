@@ -4,9 +4,9 @@
     python scripts/bench_data.py --root /data/faces_emore --workers 1 2 4 8
 
 Methods, all on the same P x K identity plan (DistributedPKSampler, one rank):
-  floor        one process, no DataLoader: IndexedRecordReader.read + unpack + cv2.imdecode + RGB CHW
-  facems       RecordFaceDataset + DataLoader(num_workers=w, batch_size=P*K, pin_memory=False,
-               persistent_workers=True): uint8 batches
+  floor        one process, no DataLoader: IndexedRecordReader.read + unpack + cv2.imdecode (BGR HWC)
+  facems       RecordFaceDataset + DataLoader(num_workers=w, batch_size=P*K, collate_fn=collate_faces,
+               pin_memory=False, persistent_workers=True): uint8 RGB channels_last batches
   torchvision  ImageFolder + PIL + ToTensor (float batches) on the pack's JPEGs exported byte for byte
 Without --root, synthetic JPEGs (smooth noise around a per-identity base) are packed with
 facems.data.pack in a temporary folder. Every file is read once first: the page cache is warm, this
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from facems.data.datasets import RecordFaceDataset
+from facems.data.datasets import RecordFaceDataset, collate_faces
 from facems.data.pack import pack_image_folder
 from facems.data.recordio import unpack
 from facems.data.samplers import DistributedPKSampler
@@ -84,7 +84,6 @@ def floor_epoch(ds: RecordFaceDataset, sampler: DistributedPKSampler, epoch: int
         for key in ds.keys[batch].tolist():
             bgr = cv2.imdecode(np.frombuffer(unpack(ds.reader.read(key))[1], np.uint8), cv2.IMREAD_COLOR)
             assert bgr is not None, f"key {key} does not decode"
-            np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))
         yield len(batch)
 
 
@@ -130,7 +129,15 @@ def main() -> None:
             for w in args.workers:
                 if smp.steps_per_epoch <= 2 * w + 2:
                     raise SystemExit(f"{smp.steps_per_epoch} steps per epoch: too few to warm up {w} workers")
-                loader = DataLoader(data, smp.batch_size, sampler=smp, num_workers=w, persistent_workers=True)
+                collate = collate_faces if data is ds else None
+                loader = DataLoader(
+                    data,
+                    smp.batch_size,
+                    sampler=smp,
+                    num_workers=w,
+                    persistent_workers=True,
+                    collate_fn=collate,
+                )
                 runs.append((name, w, partial(loader_epoch, loader)))  # pin_memory=False: the default
         best = [0.0] * len(runs)
         for _ in range(args.repeats):  # interleaved rounds, best kept: others' load on a shared machine

@@ -2,7 +2,13 @@
 
 from facems.data.align import ARCFACE_TEMPLATE, estimate_norm, landmarks68_to_5, norm_crop
 from facems.data.binfile import BinFileError, load_bin, save_bin
-from facems.data.datasets import DatasetError, ImageFolderFaceDataset, RecordFaceDataset, decode_image
+from facems.data.datasets import (
+    DatasetError,
+    ImageFolderFaceDataset,
+    RecordFaceDataset,
+    collate_faces,
+    decode_image,
+)
 from facems.data.recordio import (
     IndexedRecordReader,
     IndexedRecordWriter,
@@ -25,6 +31,7 @@ __all__ = [
     "IndexedRecordWriter",
     "RecordFaceDataset",
     "RecordIOError",
+    "collate_faces",
     "decode_image",
     "estimate_norm",
     "iter_records",

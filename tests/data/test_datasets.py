@@ -10,7 +10,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from facems.data.datasets import DatasetError, ImageFolderFaceDataset, RecordFaceDataset, decode_image
+from facems.data.datasets import (
+    DatasetError,
+    ImageFolderFaceDataset,
+    RecordFaceDataset,
+    collate_faces,
+    decode_image,
+)
 from facems.data.recordio import IndexedRecordWriter, IRHeader, pack
 from facems.data.samplers import DistributedPKSampler
 
@@ -154,9 +160,14 @@ def test_dataloader_with_pk_sampler_gives_uint8_batches(tmp_path: Path) -> None:
     write_insightface_pack(tmp_path, [4, 4, 4, 4, 4, 4])
     ds = RecordFaceDataset(tmp_path)
     sampler = DistributedPKSampler(ds.labels, p=2, k=2, num_replicas=1, rank=0, seed=0)
-    loader = DataLoader(ds, batch_size=sampler.batch_size, sampler=sampler, num_workers=2, drop_last=True)
-    batches = list(loader)
-    assert len(batches) == len(sampler) // sampler.batch_size
-    for images, labels in batches:
+    kw = {"batch_size": sampler.batch_size, "sampler": sampler, "num_workers": 2, "drop_last": True}
+    plain = list(DataLoader(ds, **kw))
+    faces = list(DataLoader(ds, collate_fn=collate_faces, **kw))
+    assert len(faces) == len(plain) == len(sampler) // sampler.batch_size
+    for (images, labels), (want_images, want_labels) in zip(faces, plain):
         assert images.dtype == torch.uint8 and images.shape == (4, 3, 112, 112)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
         assert len(set(labels.tolist())) == 2
+    images, labels = collate_faces([ds[0], ds[5]])  # in the main process too
+    assert torch.equal(images[1], ds[5][0]) and labels.tolist() == [0, 1]
