@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule builders, checkpoints, and (to come) the loop."""
