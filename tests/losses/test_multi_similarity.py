@@ -70,7 +70,7 @@ def compare(emb: torch.Tensor, labels: torch.Tensor, tol: float = 1e-10, **kw: f
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=tol)
     else:
         assert torch.count_nonzero(a.grad) == 0
-    return float(got)
+    return float(got.detach())
 
 
 @pytest.mark.parametrize("seed", range(4))
