@@ -15,6 +15,11 @@ from facems.losses.pairs import cosine_similarity_matrix, label_masks
 ALPHA, BETA, BASE, EPS = 2.0, 40.0, 0.5, 0.1
 
 
+def num(t: torch.Tensor) -> float:
+    """A tensor's value as a Python float (detached: comparisons need no graph)."""
+    return float(t.detach())
+
+
 def reference_ms(
     emb: torch.Tensor,
     labels: list[int],
@@ -107,7 +112,7 @@ def test_without_mining_matches_reference() -> None:
     a = emb.clone().requires_grad_(True)
     got = MultiSimilarityLoss(mining=False)(a, labels)
     want = reference_ms(emb, labels.tolist(), mining=False)
-    assert abs(float(got) - float(want)) < 1e-10
+    assert abs(float(got.detach()) - float(want)) < 1e-10
 
 
 def test_chunking_does_not_change_result() -> None:
@@ -118,7 +123,7 @@ def test_chunking_does_not_change_result() -> None:
     lb = MultiSimilarityLoss(chunk_size=3)(b, labels)
     la.backward()
     lb.backward()
-    assert abs(float(la) - float(lb)) < 1e-12
+    assert abs(num(la) - num(lb)) < 1e-12
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
 
 
@@ -128,7 +133,7 @@ def test_local_anchors_against_references() -> None:
     for anchor_index in (8, torch.arange(8, 16)):
         got = loss(emb[8:16], labels[8:16], emb, labels, anchor_index)
         want = reference_ms(emb, labels.tolist(), anchors=list(range(8, 16)))
-        assert abs(float(got) - float(want)) < 1e-10
+        assert abs(num(got) - float(want)) < 1e-10
 
 
 def test_memory_references_without_self() -> None:
@@ -138,7 +143,7 @@ def test_memory_references_without_self() -> None:
     sim = cosine_similarity_matrix(emb, emb)
     pos, neg = label_masks(labels, labels, None)
     assert bool(pos.diagonal().all())
-    assert abs(float(got) - float(ms_loss(sim, pos, neg))) < 1e-12
+    assert abs(num(got) - num(ms_loss(sim, pos, neg))) < 1e-12
 
 
 # ---------------------------------------------------------------- edge cases
@@ -147,7 +152,7 @@ def test_memory_references_without_self() -> None:
 def test_one_sample_is_zero_and_connected() -> None:
     x = torch.randn(1, 8, requires_grad=True)
     loss = MultiSimilarityLoss()(x, torch.tensor([3]))
-    assert float(loss) == 0.0 and loss.requires_grad
+    assert num(loss) == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.count_nonzero(x.grad) == 0
 
@@ -156,7 +161,7 @@ def test_one_sample_is_zero_and_connected() -> None:
 def test_one_label_or_all_distinct_is_zero_and_connected(labels: list[int]) -> None:
     x = torch.randn(5, 8, requires_grad=True)
     loss = MultiSimilarityLoss()(x, torch.tensor(labels))
-    assert float(loss) == 0.0 and loss.grad_fn is not None
+    assert num(loss) == 0.0 and loss.grad_fn is not None
     loss.backward()
     assert x.grad is not None and torch.count_nonzero(x.grad) == 0
 
@@ -171,10 +176,10 @@ def test_anchor_without_positive_contributes_zero_but_counts() -> None:
     # lone anchor must not add anything: recompute its row directly.
     sim = cosine_similarity_matrix(emb, emb)
     pos, neg = label_masks(labels, labels, torch.arange(7))
-    per_row = [float(ms_loss(sim[i : i + 1], pos[i : i + 1], neg[i : i + 1])) for i in range(7)]
+    per_row = [num(ms_loss(sim[i : i + 1], pos[i : i + 1], neg[i : i + 1])) for i in range(7)]
     assert per_row[6] == 0.0
     assert abs(value - sum(per_row) / 7) < 1e-12
-    assert float(sub) > 0
+    assert num(sub) > 0
 
 
 def test_duplicate_positive_with_similarity_one_is_kept() -> None:
@@ -187,7 +192,7 @@ def test_duplicate_positive_with_similarity_one_is_kept() -> None:
     labels = torch.tensor([0, 0, 1, 1])
     sim = cosine_similarity_matrix(emb, emb)
     pos, neg = label_masks(labels, labels, torch.arange(4))
-    assert bool(pos[0, 1]) and float(sim[0, 1]) == 1.0
+    assert bool(pos[0, 1]) and num(sim[0, 1]) == 1.0
     pk, nk = ms_mine(sim, pos, neg, EPS)
     assert bool(pk[0, 1])  # 1 - 0.1 < max neg 0.95
     assert nk[0].nonzero().flatten().tolist() == [2]  # 0.95 + 0.1 > 1 > 0.6 + 0.1
@@ -195,7 +200,7 @@ def test_duplicate_positive_with_similarity_one_is_kept() -> None:
         math.log1p(math.exp(-ALPHA * (1.0 - BASE))) / ALPHA
         + math.log1p(math.exp(BETA * (0.95 - BASE))) / BETA
     )
-    got_row0 = float(ms_loss(sim[:1], pos[:1], neg[:1]))
+    got_row0 = num(ms_loss(sim[:1], pos[:1], neg[:1]))
     assert abs(got_row0 - want_row0) < 1e-12
     compare(emb, labels)
 
@@ -216,7 +221,7 @@ def test_exactly_one_mined_positive_and_negative() -> None:
     want = (
         math.log1p(math.exp(-ALPHA * (0.5 - BASE))) / ALPHA + math.log1p(math.exp(BETA * (0.6 - BASE))) / BETA
     )
-    assert abs(float(ms_loss(sim[:1], pos[:1], neg[:1])) - want) < 1e-12
+    assert abs(num(ms_loss(sim[:1], pos[:1], neg[:1])) - want) < 1e-12
     compare(emb, labels)
 
 
@@ -230,12 +235,12 @@ def test_low_precision_inputs_large_beta_stay_finite(dtype: torch.dtype) -> None
     labels = torch.arange(64).repeat_interleave(4)
     loss = MultiSimilarityLoss(beta=160.0)(emb, labels)
     assert loss.dtype == torch.float32
-    assert torch.isfinite(loss) and float(loss) > 0
+    assert torch.isfinite(loss) and num(loss) > 0
     loss.backward()
     assert emb.grad is not None and emb.grad.dtype == dtype
     assert bool(torch.isfinite(emb.grad.float()).all())
     ref = reference_ms(emb.detach().double(), labels.tolist(), beta=160.0)
-    assert abs(float(loss) - float(ref)) / float(ref) < 2e-2  # input rounding only
+    assert abs(num(loss) - num(ref)) / num(ref) < 2e-2  # input rounding only
 
 
 def test_under_autocast_similarity_is_fp32() -> None:
@@ -245,7 +250,7 @@ def test_under_autocast_similarity_is_fp32() -> None:
         loss = MultiSimilarityLoss()(x @ torch.eye(32), labels)
     assert loss.dtype == torch.float32
     ref = reference_ms(emb, labels.tolist())
-    assert abs(float(loss) - float(ref)) < 5e-2 * float(ref)
+    assert abs(num(loss) - float(ref)) < 5e-2 * float(ref)
 
 
 def test_invariant_to_batch_order_and_scale() -> None:
@@ -253,15 +258,15 @@ def test_invariant_to_batch_order_and_scale() -> None:
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
     loss = MultiSimilarityLoss()
     a = loss(emb, labels)
-    assert abs(float(a) - float(loss(emb[perm], labels[perm]))) < 1e-12
+    assert abs(num(a) - num(loss(emb[perm], labels[perm]))) < 1e-12
     scales = torch.rand(len(labels), 1, dtype=torch.float64) * 10 + 0.1
-    assert abs(float(a) - float(loss(emb * scales, labels))) < 1e-12
+    assert abs(num(a) - num(loss(emb * scales, labels))) < 1e-12
 
 
 def test_gradcheck_float64() -> None:
     emb, labels = clustered(4, 3, 6, spread=0.7, seed=11)
     x = emb.clone().requires_grad_(True)
-    assert float(MultiSimilarityLoss()(x, labels)) > 0
+    assert num(MultiSimilarityLoss()(x, labels)) > 0
     assert torch.autograd.gradcheck(lambda t: MultiSimilarityLoss()(t, labels), (x,), eps=1e-6, atol=1e-7)
     refs = emb.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
@@ -319,7 +324,7 @@ def test_matches_pytorch_metric_learning(seed: int, beta: float) -> None:
     b = emb.clone().requires_grad_(True)
     ours = MultiSimilarityLoss(beta=beta)(a, labels)
     theirs = pml_loss(b, labels, ALPHA, beta, BASE, EPS)
-    assert abs(float(ours) - float(theirs)) < 1e-10
+    assert abs(num(ours) - num(theirs)) < 1e-10
     ours.backward()
     theirs.backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10)
@@ -339,14 +344,14 @@ def test_documented_difference_pml_early_exit() -> None:
 
     a1, p, a2, n = miners.MultiSimilarityMiner(epsilon=EPS)(emb, labels)
     assert (a1.tolist(), p.tolist(), a2.tolist(), n.tolist()) == ([0], [1], [0], [2])
-    ours = float(MultiSimilarityLoss()(emb, labels))
+    ours = num(MultiSimilarityLoss()(emb, labels))
     s01, s02 = 0.5, math.cos(math.radians(53.13))
     want = (
         math.log1p(math.exp(-ALPHA * (s01 - BASE))) / ALPHA + math.log1p(math.exp(BETA * (s02 - BASE))) / BETA
     ) / 3
     assert abs(ours - want) < 1e-12
-    assert abs(ours - float(reference_ms(emb, labels.tolist()))) < 1e-12
-    assert float(pml_loss(emb, labels, ALPHA, BETA, BASE, EPS)) == 0.0
+    assert abs(ours - num(reference_ms(emb, labels.tolist()))) < 1e-12
+    assert num(pml_loss(emb, labels, ALPHA, BETA, BASE, EPS)) == 0.0
 
 
 def test_automatic_chunks_do_not_change_result(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -360,5 +365,5 @@ def test_automatic_chunks_do_not_change_result(monkeypatch: pytest.MonkeyPatch) 
     auto = MultiSimilarityLoss()(b, labels)
     whole.backward()
     auto.backward()
-    assert abs(float(whole) - float(auto)) < 1e-12
+    assert abs(num(whole) - num(auto)) < 1e-12
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
