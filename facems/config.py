@@ -36,7 +36,6 @@ import difflib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -45,6 +44,7 @@ from typing import Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 from facems import __version__
+from facems.fileio import atomic_write
 
 __all__ = [
     "Config",
@@ -769,14 +769,5 @@ def save_config(cfg: Config, path: str) -> None:
     os.makedirs(folder, exist_ok=True)
     text = f"# Resolved facems {__version__} configuration; load with facems.config.load_config(path).\n"
     text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)

@@ -40,13 +40,14 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
-import secrets
 import warnings
 from collections.abc import Sequence
 from typing import Any, BinaryIO, Union
 
 import cv2
 import numpy as np
+
+from facems.fileio import atomic_write
 
 __all__ = ["BinFileError", "load_bin", "save_bin"]
 
@@ -538,20 +539,5 @@ def save_bin(
         bins.append(enc.tobytes())
     payload = (bins, [bool(v) for v in flags])
 
-    target = os.path.abspath(os.fspath(path))
-    tmp = os.path.join(
-        os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    )
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode honours the umask
-    try:
-        with open(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=_SAVE_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        pickle.dump(payload, f, protocol=_SAVE_PROTOCOL)

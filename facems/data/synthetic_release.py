@@ -26,6 +26,7 @@ import numpy as np
 from facems.data.binfile import save_bin
 from facems.data.recordio import IndexedRecordWriter, IRHeader, pack
 from facems.data.synthetic import SyntheticFaces
+from facems.fileio import atomic_write
 
 __all__ = [
     "SCALES",
@@ -126,10 +127,8 @@ def write_pair_bin(
 
 
 def _write_lines(path: str, lines: list[str]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
 
 
 def write_ijbc_like(root: str, faces: SyntheticFaces, seed: int = 0) -> dict[str, int]:

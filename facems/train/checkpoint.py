@@ -46,6 +46,8 @@ from typing import Any, Union
 
 import torch
 
+from facems.fileio import atomic_write, fsync_dir, temp_path
+
 __all__ = ["CheckpointError", "CheckpointManager", "atomic_save", "save_model_pt"]
 
 logger = logging.getLogger(__name__)
@@ -63,22 +65,6 @@ class CheckpointError(RuntimeError):
     """Checkpoint files exist but none of them loads, or a state cannot be stored loadably."""
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable; a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj)`` to ``path`` so that ``path`` holds either its old content or all of the new.
 
@@ -93,19 +79,8 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         Exception: whatever ``torch.save`` raises for an object it cannot serialise, with the same
             clean-up.
     """
-    target = Path(path)
-    tmp = _tmp_path(target)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(target.parent)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _check_loadable(obj: Any, where: str) -> None:
@@ -235,7 +210,7 @@ class CheckpointManager:
 
     def _point_last_at(self, path: Path) -> None:
         last = self.last_path
-        tmp = _tmp_path(last)
+        tmp = temp_path(last)
         try:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()  # left by a killed process with our pid
@@ -251,7 +226,7 @@ class CheckpointManager:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _prune(self, keep_also: Path) -> None:
         files = self.step_files()
