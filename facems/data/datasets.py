@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import Sequence
 
 import cv2
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from facems.data.recordio import IR_HEADER_SIZE, IndexedRecordReader, RecordIOError, unpack
+from facems.data.recordio import IndexedRecordReader, RecordIOError, class_label, unpack
 
 __all__ = ["DatasetError", "ImageFolderFaceDataset", "RecordFaceDataset", "collate_faces", "decode_image"]
 
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _FLOAT32_EXACT = 1 << 24
-_FLAG_LABEL = struct.Struct("<If")  # the first two fields of the 24-byte record header
-_LABEL = struct.Struct("<f")
 
 
 class DatasetError(ValueError):
@@ -104,9 +101,8 @@ class _FaceDataset(Dataset):
         self.bad_items: set[int] = set()  # per process: DataLoader workers each count their own
         order = np.argsort(labels, kind="stable")
         bounds = np.flatnonzero(np.diff(labels[order])) + 1
-        self._groups = dict(
-            zip((int(labels[g[0]]) for g in np.split(order, bounds) if len(g)), np.split(order, bounds))
-        )
+        groups = [g for g in np.split(order, bounds) if len(g)]
+        self._groups = {int(labels[g[0]]): g for g in groups}
 
     @property
     def labels(self) -> np.ndarray:
@@ -203,8 +199,7 @@ class RecordFaceDataset(_FaceDataset):
         super().__init__(labels, image_size, max_bad_fraction)
 
     def _class_of(self, key: int) -> int:
-        label = unpack(self.reader.read(key))[0].label
-        value = float(np.asarray(label).reshape(-1)[0])
+        value = class_label(self.reader.read(key))[0]
         if not value.is_integer() or value < 0:
             raise DatasetError(f"{self.reader.rec_path}: key {key}: label {value} is not a class index")
         return int(value)
@@ -293,19 +288,10 @@ class RecordFaceDataset(_FaceDataset):
         record = self.reader.read(key)
         # insightface's loader trains on the record's own label: it must agree with the identity
         # record that lists this key (checked here, for free, instead of reading every header at open).
-        # Read the header directly: unpack() would copy the payload and build a label array.
-        if len(record) < IR_HEADER_SIZE:
-            raise DatasetError(
-                f"{self.reader.rec_path}: key {key}: record of {len(record)} bytes has no header"
-            )
-        flag, stored = _FLAG_LABEL.unpack_from(record)
-        start = IR_HEADER_SIZE + 4 * flag
-        if flag:
-            if len(record) < start:
-                raise DatasetError(
-                    f"{self.reader.rec_path}: key {key}: record shorter than its {flag} labels"
-                )
-            (stored,) = _LABEL.unpack_from(record, IR_HEADER_SIZE)
+        try:
+            stored, start = class_label(record)
+        except RecordIOError as e:
+            raise DatasetError(f"{self.reader.rec_path}: key {key}: {e}") from None
         payload = memoryview(record)[start:]
         if stored != self._labels[index]:
             raise DatasetError(

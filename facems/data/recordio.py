@@ -36,6 +36,7 @@ __all__ = [
     "IndexedRecordReader",
     "IndexedRecordWriter",
     "RecordIOError",
+    "class_label",
     "iter_records",
     "pack",
     "unpack",
@@ -46,6 +47,8 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _PART_HEAD = struct.Struct("<II")  # magic, lrec
 _IR_HEAD = struct.Struct("<IfQQ")  # flag, label, id, id2: mxnet's native "IfQQ" on little-endian hosts
 IR_HEADER_SIZE = _IR_HEAD.size  # 24 bytes
+_FLAG_LABEL = struct.Struct("<If")  # the first two header fields
+_FIRST_LABEL = struct.Struct("<f")
 MAX_RECORD_BYTES = (1 << 29) - 1  # the length field has 29 bits
 _LENGTH_MASK = (1 << 29) - 1
 _IDX_LINE = re.compile(r"(-?\d+)\t(\d+)")
@@ -121,6 +124,29 @@ def unpack(record: bytes) -> tuple[IRHeader, bytes]:
         )
     labels = np.frombuffer(record, dtype="<f4", count=flag, offset=IR_HEADER_SIZE).astype(np.float32)
     return IRHeader(flag, labels, id_, id2), record[end:]
+
+
+def class_label(record: bytes) -> tuple[float, int]:
+    """The first label of a record made by :func:`pack` and the offset of its payload, cheaply.
+
+    The class of an insightface image record is its scalar label, or the first of its array labels;
+    this reads just that (no payload copy, no label array), for hot paths that only need the class.
+
+    Raises:
+        RecordIOError: the record is shorter than its header and labels.
+    """
+    if len(record) < IR_HEADER_SIZE:
+        raise RecordIOError(f"record of {len(record)} bytes is shorter than the {IR_HEADER_SIZE}-byte header")
+    flag, label = _FLAG_LABEL.unpack_from(record)
+    start = IR_HEADER_SIZE + 4 * flag
+    if flag:
+        if len(record) < start:
+            raise RecordIOError(
+                f"record of {len(record)} bytes has flag={flag}: expected at least {start} bytes "
+                f"({IR_HEADER_SIZE}-byte header + {flag} float32 labels)"
+            )
+        (label,) = _FIRST_LABEL.unpack_from(record, IR_HEADER_SIZE)
+    return float(label), start
 
 
 def _encode(record: bytes) -> bytearray:

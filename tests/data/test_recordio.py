@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from facems.data import recordio
 from facems.data.recordio import (
+    IR_HEADER_SIZE,
     IndexedRecordReader,
     IndexedRecordWriter,
     IRHeader,
     RecordIOError,
+    class_label,
     iter_records,
     pack,
     unpack,
@@ -545,3 +547,23 @@ def test_concurrent_threads_share_one_reader() -> None:
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(work, range(4))) == [0, 0, 0, 0]
     reader.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    label=st.one_of(
+        st.floats(allow_nan=False, width=32),
+        st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=5),
+    ),
+    payload=st.binary(max_size=64),
+)
+def test_class_label_equals_unpack(label: float | list[float], payload: bytes) -> None:
+    record = pack(
+        IRHeader(0, label if isinstance(label, float) else np.array(label, np.float32), 7, 0), payload
+    )
+    header, body = unpack(record)
+    value, start = class_label(record)
+    assert value == float(np.asarray(header.label).reshape(-1)[0])
+    assert record[start:] == body
+    with pytest.raises(RecordIOError):
+        class_label(record[: IR_HEADER_SIZE - 1])
