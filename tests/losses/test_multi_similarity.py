@@ -29,14 +29,16 @@ def reference_ms(
     eps: float = EPS,
     mining: bool = True,
     anchors: list[int] | None = None,
+    exclude_self: bool = True,
 ) -> torch.Tensor:
-    """The official research-ms-loss loop, self pairs excluded by index, scalar by scalar."""
+    """The official research-ms-loss loop, self pairs excluded by index (unless ``exclude_self`` is
+    False: a memory bank, where the anchor's copy is a positive), scalar by scalar."""
     x = emb / emb.norm(dim=1, keepdim=True)
     n = x.shape[0]
     anchors = list(range(n)) if anchors is None else anchors
     total = emb.new_zeros(())
     for i in anchors:
-        pos = [x[i] @ x[k] for k in range(n) if k != i and labels[k] == labels[i]]
+        pos = [x[i] @ x[k] for k in range(n) if (k != i or not exclude_self) and labels[k] == labels[i]]
         neg = [x[i] @ x[k] for k in range(n) if labels[k] != labels[i]]
         if not pos or not neg:
             continue
@@ -140,10 +142,16 @@ def test_memory_references_without_self() -> None:
     # anchor_index=None: every reference with the anchor's label is a positive, even an identical one.
     emb, labels = clustered(4, 3, 8, spread=0.5, seed=5)
     got = MultiSimilarityLoss()(emb, labels, emb.clone(), labels.clone(), None)
-    sim = cosine_similarity_matrix(emb, emb)
-    pos, neg = label_masks(labels, labels, None)
+    pos, _ = label_masks(labels, labels, None)
     assert bool(pos.diagonal().all())
-    assert abs(num(got) - num(ms_loss(sim, pos, neg))) < 1e-12
+    want = reference_ms(emb, labels.tolist(), exclude_self=False)
+    assert abs(num(got) - num(want)) < 1e-10
+    # Without mining the S = 1 copies are kept (with mining they are too easy here): they change the loss.
+    plain = MultiSimilarityLoss(mining=False)
+    memory = plain(emb, labels, emb.clone(), labels.clone(), None)
+    want = reference_ms(emb, labels.tolist(), mining=False, exclude_self=False)
+    assert abs(num(memory) - num(want)) < 1e-10
+    assert abs(num(memory) - num(plain(emb, labels))) > 1e-3
 
 
 # ---------------------------------------------------------------- edge cases
