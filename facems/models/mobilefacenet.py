@@ -52,7 +52,9 @@ _Pair = tuple[int, int]
 
 
 class ConvBlock(nn.Module):
-    """Conv2d (no bias) + BatchNorm2d + PReLU, held in ``self.layers``."""
+    """Conv2d (no bias) + BatchNorm2d + PReLU, held in ``self.layers`` (insightface's key layout)."""
+
+    activation = True
 
     def __init__(
         self,
@@ -64,38 +66,23 @@ class ConvBlock(nn.Module):
         groups: int = 1,
     ):
         super().__init__()
-        self.layers = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(in_c, out_c, kernel, stride=stride, padding=padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_c),
-            nn.PReLU(out_c),
-        )
+        ]
+        if self.activation:
+            layers.append(nn.PReLU(out_c))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply conv, BN and PReLU."""
+        """Apply the block."""
         return self.layers(x)
 
 
-class LinearBlock(nn.Module):
+class LinearBlock(ConvBlock):
     """Conv2d (no bias) + BatchNorm2d without activation, held in ``self.layers``."""
 
-    def __init__(
-        self,
-        in_c: int,
-        out_c: int,
-        kernel: _Pair = (1, 1),
-        stride: _Pair = (1, 1),
-        padding: _Pair = (0, 0),
-        groups: int = 1,
-    ):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_c, out_c, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_c),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply conv and BN."""
-        return self.layers(x)
+    activation = False
 
 
 class DepthWise(nn.Module):
