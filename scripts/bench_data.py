@@ -8,8 +8,8 @@ Methods, all on the same P x K identity plan (DistributedPKSampler, one rank):
   facems       RecordFaceDataset + DataLoader(num_workers=w, batch_size=P*K, collate_fn=collate_faces,
                pin_memory=False, persistent_workers=True): uint8 RGB channels_last batches
   torchvision  ImageFolder + PIL + ToTensor (float batches) on the pack's JPEGs exported byte for byte
-Without --root, synthetic JPEGs (smooth noise around a per-identity base) are packed with
-facems.data.pack in a temporary folder. Every file is read once first: the page cache is warm, this
+Without --root, a pack of facems' synthetic faces (q95 JPEGs) is written with
+facems.data.synthetic_release.write_train_pack in a temporary folder. Every file is read once first: the page cache is warm, this
 measures decode and transport, not the disk. In each epoch the first 2 * w + 1 batches (the
 DataLoader's prefetch; 1 for the floor) are not timed. All methods run in --repeats interleaved
 rounds and the best round of each is shown (the least disturbed by other load on the machine).
@@ -31,24 +31,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from facems.data.datasets import RecordFaceDataset, collate_faces
-from facems.data.pack import pack_image_folder
 from facems.data.recordio import unpack
 from facems.data.samplers import DistributedPKSampler
+from facems.data.synthetic import SyntheticFaces
+from facems.data.synthetic_release import write_train_pack
 
 NAMES = ("facems RecordFaceDataset", "torchvision ImageFolder+PIL")
-
-
-def synth_folder(root: Path, images: int, identities: int, seed: int) -> None:
-    """``images`` smooth random 112x112 q95 JPEGs in ``root/<identity>/``, spread evenly over identities."""
-    rng = np.random.default_rng(seed)
-    for c in range(identities):
-        (root / f"{c:06d}").mkdir(parents=True)
-        base = rng.normal(128, 50, (14, 14, 3))
-        for i in range(images // identities + (c < images % identities)):
-            low = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-            img = cv2.resize(low, (112, 112), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-            img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)  # fine texture
-            cv2.imwrite(str(root / f"{c:06d}" / f"{i:04d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
 
 
 def export_folder(ds: RecordFaceDataset, root: Path) -> int:
@@ -109,9 +97,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp_name:
         tmp, root, t0 = Path(tmp_name), args.root, time.perf_counter()
         if root is None:
-            synth_folder(tmp / "synth", args.images, args.identities, args.seed)
             root = tmp / "pack"
-            pack_image_folder(tmp / "synth", root, workers=os.cpu_count() or 1, progress=False)
+            root.mkdir()
+            faces = SyntheticFaces(args.identities, args.images // args.identities, args.seed)
+            write_train_pack(str(root), faces, quality=95)
             print(f"built a pack of {args.images} synthetic images in {time.perf_counter() - t0:.1f} s")
         ds = RecordFaceDataset(root)
         jpeg_bytes = export_folder(ds, tmp / "export")

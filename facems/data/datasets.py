@@ -234,7 +234,10 @@ class RecordFaceDataset(_FaceDataset):
             if len(matches) != 1:
                 raise DatasetError(f"{rec}: cannot locate the first identity record near key {first_id}")
             first_id = matches[0]
-        missing = [k for k in range(end) if k not in self.reader]
+        keys = np.asarray(self.reader.keys, dtype=np.int64)
+        present = np.zeros(end, dtype=bool)
+        present[keys[(keys >= 0) & (keys < end)]] = True
+        missing = np.flatnonzero(~present).tolist()
         if missing:
             raise DatasetError(f"{self.reader.idx_path}: keys {missing[:10]} of 0..{end - 1} are missing")
         num_images, num_classes = first_id - 1, end - first_id

@@ -69,10 +69,10 @@ def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def write_train_pack(root: str, faces: SyntheticFaces) -> None:
+def write_train_pack(root: str, faces: SyntheticFaces, quality: int | None = None) -> None:
     """insightface-layout ``train.rec/.idx/property`` holding every face of ``faces`` (labels = its labels).
 
-    Each image is JPEG-encoded at the quality its nuisance carries.
+    Each image is JPEG-encoded at ``quality``, or at the quality its nuisance carries when None.
     """
     per, k = faces.images_per_identity, faces.num_identities
     n = len(faces)
@@ -81,7 +81,7 @@ def write_train_pack(root: str, faces: SyntheticFaces) -> None:
         w.write(0, pack(IRHeader(2, np.array([n + 1, n + 1 + k], np.float32), 0, 0), b""))
         for i in range(n):
             img, label, _ = faces[i]
-            data = _jpeg(img, faces.nuisance(i).jpeg_quality)
+            data = _jpeg(img, faces.nuisance(i).jpeg_quality if quality is None else quality)
             w.write(i + 1, pack(IRHeader(0, float(label), i + 1, 0), data))
         for c in range(k):
             a = 1 + c * per
