@@ -113,3 +113,19 @@ def test_ijbc_meta_at_scale_counts(tmp_path: Path) -> None:
 def test_unknown_scale_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="scale must be one of"):
         write_synthetic_root(str(tmp_path), "huge")
+
+
+def test_train_pack_fixed_quality(tmp_path: Path) -> None:
+    from facems.data.recordio import IndexedRecordReader, unpack
+    from facems.data.synthetic import SyntheticFaces
+    from facems.data.synthetic_release import write_train_pack
+
+    faces = SyntheticFaces(2, 2, seed=1)
+    sizes = {}
+    for q in (30, 95):
+        (tmp_path / str(q)).mkdir()
+        write_train_pack(str(tmp_path / str(q)), faces, quality=q)
+        reader = IndexedRecordReader(tmp_path / str(q) / "train.rec", tmp_path / str(q) / "train.idx")
+        payloads = [unpack(reader.read(k))[1] for k in range(1, 5)]
+        sizes[q] = sum(map(len, payloads))
+    assert sizes[30] < sizes[95]
