@@ -13,14 +13,18 @@ from facems.losses.gpw import (
     triplet_all_loss,
     triplet_batch_hard_loss,
 )
+from facems.losses.margin import MarginHead, margin_logits, margin_softmax_loss
 from facems.losses.multi_similarity import MultiSimilarityLoss, ms_loss, ms_mine
 from facems.losses.pairs import PairLoss, cosine_similarity_matrix, label_masks
+from facems.losses.xbm import CrossBatchMemory, xbm_loss
 
 __all__ = [
     "BinomialDevianceLoss",
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "CrossRankLoss",
     "LiftedStructureLoss",
+    "MarginHead",
     "MultiSimilarityLoss",
     "PairLoss",
     "TripletLoss",
@@ -31,8 +35,11 @@ __all__ = [
     "cosine_similarity_matrix",
     "label_masks",
     "lifted_structure_loss",
+    "margin_logits",
+    "margin_softmax_loss",
     "ms_loss",
     "ms_mine",
     "triplet_all_loss",
     "triplet_batch_hard_loss",
+    "xbm_loss",
 ]
