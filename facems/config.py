@@ -368,6 +368,7 @@ class EvalConfig:
         every_steps: optimizer steps between evaluations (0: only at the end of training).
         batch_size: images per forward pass, per rank.
         flip: add the embedding of the horizontally flipped image (flip test).
+        at_start: also evaluate before the first step of a fresh run (the accuracy at initialisation).
     """
 
     section: ClassVar[str] = "eval"
@@ -375,6 +376,7 @@ class EvalConfig:
     every_steps: int = 2000
     batch_size: int = 256
     flip: bool = True
+    at_start: bool = False
 
     def __post_init__(self) -> None:
         _require(

@@ -3,16 +3,15 @@
     python scripts/bench_data.py                  # 20k synthetic 112x112 q95 JPEGs, 2000 identities
     python scripts/bench_data.py --root /data/faces_emore --workers 1 2 4 8
 
-Methods, all on the same P x K identity plan (DistributedPKSampler, one rank):
+Methods, all on the same P x K identity plan (DistributedPKSampler, one rank; pin_memory=False):
   floor        one process, no DataLoader: IndexedRecordReader.read + unpack + cv2.imdecode (BGR HWC)
-  facems       RecordFaceDataset + DataLoader(num_workers=w, batch_size=P*K, collate_fn=collate_faces,
-               pin_memory=False, persistent_workers=True): uint8 RGB channels_last batches
+  facems       build_face_loader(RecordFaceDataset, sampler, num_workers=w), the training input path
+  collate      the same uint8 RGB channels_last batches from DataLoader(..., collate_fn=collate_faces)
   torchvision  ImageFolder + PIL + ToTensor (float batches) on the pack's JPEGs exported byte for byte
-Without --root, a pack of facems' synthetic faces (q95 JPEGs) is written with
-facems.data.synthetic_release.write_train_pack in a temporary folder. Every file is read once first: the page cache is warm, this
-measures decode and transport, not the disk. In each epoch the first 2 * w + 1 batches (the
-DataLoader's prefetch; 1 for the floor) are not timed. All methods run in --repeats interleaved
-rounds and the best round of each is shown (the least disturbed by other load on the machine).
+Without --root, a pack of synthetic faces (q95 JPEGs) is written to a temporary folder. Every file is
+read once first: the page cache is warm, this measures decode and transport, not the disk. In each
+epoch the first 2 * w + 1 batches (the prefetch; 1 for the floor) are not timed. All methods run in
+--repeats interleaved rounds and the best round of each is shown (the least disturbed by other load).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,12 +31,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from facems.data.datasets import RecordFaceDataset, collate_faces
+from facems.data.loader import build_face_loader
 from facems.data.recordio import unpack
 from facems.data.samplers import DistributedPKSampler
 from facems.data.synthetic import SyntheticFaces
 from facems.data.synthetic_release import write_train_pack
 
-NAMES = ("facems RecordFaceDataset", "torchvision ImageFolder+PIL")
+NAMES = ("facems build_face_loader", "DataLoader+collate_faces", "torchvision ImageFolder+PIL")
 
 
 def export_folder(ds: RecordFaceDataset, root: Path) -> int:
@@ -75,6 +76,15 @@ def floor_epoch(ds: RecordFaceDataset, sampler: DistributedPKSampler, epoch: int
         yield len(batch)
 
 
+def make_loader(method: str, data: Any, sampler: DistributedPKSampler, workers: int) -> DataLoader:
+    """The loader of ``method`` (one of NAMES) with ``workers`` worker processes."""
+    if method == NAMES[0]:
+        return build_face_loader(data, sampler, num_workers=workers)
+    collate = collate_faces if method == NAMES[1] else None
+    kw: dict[str, Any] = {"num_workers": workers, "persistent_workers": True, "collate_fn": collate}
+    return DataLoader(data, sampler.batch_size, sampler=sampler, **kw)
+
+
 def loader_epoch(loader: DataLoader, epoch: int) -> Iterator[int]:
     loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
     return (len(images) for images, _ in loader)
@@ -89,7 +99,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="images per identity (4)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers (1 2)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement (3)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over all methods; best kept (3)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds over all methods; best kept (5)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import torchvision  # only the comparison needs it
@@ -114,20 +124,11 @@ def main() -> None:
             f"torch {torch.__version__}, OpenCV {cv2.__version__}; page cache warm (every file read once)"
         )
         runs = [("floor: read+unpack+imdecode", 0, partial(floor_epoch, ds, samplers[0]))]
-        for name, data, smp in zip(NAMES, (ds, tv), samplers):
+        for name, data, smp in zip(NAMES, (ds, ds, tv), samplers[:1] * 2 + samplers[1:]):
             for w in args.workers:
                 if smp.steps_per_epoch <= 2 * w + 2:
                     raise SystemExit(f"{smp.steps_per_epoch} steps per epoch: too few to warm up {w} workers")
-                collate = collate_faces if data is ds else None
-                loader = DataLoader(
-                    data,
-                    smp.batch_size,
-                    sampler=smp,
-                    num_workers=w,
-                    persistent_workers=True,
-                    collate_fn=collate,
-                )
-                runs.append((name, w, partial(loader_epoch, loader)))  # pin_memory=False: the default
+                runs.append((name, w, partial(loader_epoch, make_loader(name, data, smp, w))))
         best = [0.0] * len(runs)
         for _ in range(args.repeats):  # interleaved rounds, best kept: others' load on a shared machine
             for i, (_, w, make_epoch) in enumerate(runs):
@@ -138,6 +139,10 @@ def main() -> None:
         for (name, w, _), rate in zip(runs, best):
             per = rate / max(w, 1)
             print(f"| {name:<30} | {w or 'main':>7} | {rate:>8.0f} | {per:>19.0f} | {per / floor:>21.1%} |")
+        for name, w, make_epoch in runs:
+            ring = getattr(make_epoch.args[0], "ring", None)  # build_face_loader's reused buffers
+            if ring is not None:
+                print(f"{name}, {w} workers: {ring.num_slots} reused buffers, {ring.fallback_batches} fresh")
 
 
 if __name__ == "__main__":

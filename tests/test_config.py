@@ -51,7 +51,8 @@ def test_default_is_synthetic_demo_and_matches_the_brief() -> None:
     assert cfg.model.name == "iresnet_tiny"
     assert (cfg.data.p, cfg.data.k) == (16, 4)
     assert cfg.train.precision == "auto"
-    assert cfg.optim.name == "sgd"
+    assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.001)
+    assert cfg.eval.at_start and cfg.schedule.epochs == 1
     assert cfg.data.root == "data/synthetic"
     assert cfg.train.output_dir == "work_dirs/synthetic_demo"
     # MS loss at the official defaults, not pytorch-metric-learning's beta 50
@@ -286,8 +287,8 @@ def test_k_error_explains_the_positive_pair() -> None:
 
 def test_nesterov_needs_momentum() -> None:
     with pytest.raises(ConfigError, match=r"^optim\.nesterov = True"):
-        load_config(None, ["optim.momentum=0", "optim.nesterov=true"])
-    assert load_config(None, ["optim.nesterov=true"]).optim.nesterov
+        load_config(None, ["optim.name=sgd", "optim.momentum=0", "optim.nesterov=true"])
+    assert load_config(None, ["optim.name=sgd", "optim.nesterov=true"]).optim.nesterov
 
 
 def test_ranges_hold_for_direct_construction_and_replace() -> None:

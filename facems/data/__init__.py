@@ -1,4 +1,5 @@
-"""Data: RecordIO packs, face datasets, the distributed P x K sampler, alignment, .bin pair files."""
+"""Data: RecordIO packs, face datasets, the training loader, the distributed P x K sampler, alignment,
+.bin pair files."""
 
 from facems.data.align import ARCFACE_TEMPLATE, estimate_norm, landmarks68_to_5, norm_crop
 from facems.data.binfile import BinFileError, load_bin, save_bin
@@ -9,6 +10,7 @@ from facems.data.datasets import (
     collate_faces,
     decode_image,
 )
+from facems.data.loader import FaceLoader, build_face_loader
 from facems.data.recordio import (
     IndexedRecordReader,
     IndexedRecordWriter,
@@ -25,12 +27,14 @@ __all__ = [
     "BinFileError",
     "DatasetError",
     "DistributedPKSampler",
+    "FaceLoader",
     "IRHeader",
     "ImageFolderFaceDataset",
     "IndexedRecordReader",
     "IndexedRecordWriter",
     "RecordFaceDataset",
     "RecordIOError",
+    "build_face_loader",
     "collate_faces",
     "decode_image",
     "estimate_norm",

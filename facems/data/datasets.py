@@ -18,7 +18,14 @@ is an image", its labels read from each record's header.
 
 JPEG decoding uses OpenCV: measured on 112x112 q95 JPEGs on one core here, ``cv2.imdecode`` plus the
 RGB/CHW conversion runs at about 6,100 images/s against 4,750 for ``torchvision.io.decode_jpeg``.
-Use :func:`collate_faces` as the DataLoader's ``collate_fn`` (channels_last uint8 batches).
+OpenCV >= 4.11 decodes straight to RGB (``IMREAD_COLOR_RGB``, the same pixels as BGR followed by
+``cvtColor``), which saves the conversion.
+
+Batches: ``read_into`` (both datasets) decodes a whole batch into a caller's ``(N, H, W, 3)`` buffer
+(what :func:`facems.data.loader.build_face_loader` uses with its reused shared-memory buffers), and
+``__getitems__`` (called by ``DataLoader`` with a batch's indices) decodes a batch into one buffer
+that :func:`collate_faces` returns without another copy. Use :func:`collate_faces` as the
+DataLoader's ``collate_fn`` (channels_last uint8 batches), or ``build_face_loader``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,24 @@ class DatasetError(ValueError):
     """A dataset's files disagree with the expected layout (names the file, key and values)."""
 
 
+# OpenCV >= 4.11 decodes to RGB directly (the same pixels as BGR + cvtColor, one pass fewer).
+_DECODES_RGB = hasattr(cv2, "IMREAD_COLOR_RGB")
+_IMREAD_FLAG: int = cv2.IMREAD_COLOR_RGB if _DECODES_RGB else cv2.IMREAD_COLOR
+
+
+def _decode_rgb(data: bytes | memoryview | np.ndarray, size: tuple[int, int] | None) -> np.ndarray | None:
+    """Decode to a contiguous uint8 RGB ``(H, W, 3)`` array, or ``None`` if it does not decode."""
+    buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    if not buf.size:
+        return None
+    img = cv2.imdecode(buf, _IMREAD_FLAG)
+    if img is None:
+        return None
+    if size is not None and (img.shape[0] != size[0] or img.shape[1] != size[1]):
+        img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return img if _DECODES_RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
 def decode_image(
     data: bytes | memoryview | np.ndarray, size: tuple[int, int] | None = None
 ) -> np.ndarray | None:
@@ -59,15 +84,27 @@ def decode_image(
         data: encoded bytes (JPEG, PNG, ...).
         size: ``(height, width)`` to resize to (bilinear) when the image has another size.
     """
-    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    if buf.size == 0:
-        return None
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if img is None:
-        return None
-    if size is not None and img.shape[:2] != tuple(size):
-        img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
+    img = _decode_rgb(data, size)
+    return None if img is None else img.transpose(2, 0, 1)
+
+
+def _new_batch_buffer(shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialised uint8 tensor: in shared memory inside a DataLoader worker (as ``default_collate``
+    does, so that the batch crosses to the main process without a copy), private memory otherwise."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(tuple(shape))
+
+
+class _DecodedBatch(list[tuple[torch.Tensor, int]]):
+    """What ``__getitems__`` returns: the samples ``(image, label)`` of a batch, as any collate_fn expects,
+    whose images are views of one ``(N, H, W, 3)`` buffer; :func:`collate_faces` returns that buffer as is."""
+
+    def __init__(self, hwc: torch.Tensor, labels: np.ndarray) -> None:
+        super().__init__(zip(hwc.permute(0, 3, 1, 2).unbind(0), labels.tolist()))
+        self.hwc = hwc
+        self.labels = labels
 
 
 def collate_faces(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,15 +112,13 @@ def collate_faces(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tens
 
     The images are stacked into one height-width-channel buffer (shared memory inside a worker, as
     the default collate does) and returned as an NCHW view with channels_last strides, which the
-    training step uses as is. Values equal ``default_collate``'s; only the strides differ.
+    training step uses as is. Values equal ``default_collate``'s; only the strides differ. A batch
+    made by the datasets' ``__getitems__`` is already in such a buffer and is returned without a copy.
     """
+    if isinstance(batch, _DecodedBatch) and len(batch) == len(batch.labels):
+        return batch.hwc.permute(0, 3, 1, 2), torch.from_numpy(batch.labels)
     images = [img.permute(1, 2, 0) for img, _ in batch]
-    shape = [len(images), *(int(d) for d in images[0].shape)]
-    if get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-        out = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-    else:
-        out = torch.empty(shape, dtype=torch.uint8)
+    out = _new_batch_buffer([len(images), *(int(d) for d in images[0].shape)])
     torch.stack(images, out=out)
     labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
     return out.permute(0, 3, 1, 2), labels
@@ -130,13 +165,58 @@ class _FaceDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = int(self._labels[index])
-        img = decode_image(self._encoded(index), self.image_size)
-        if img is None:
-            img = self._substitute(index)
-        return torch.from_numpy(img), label
+        return torch.from_numpy(self._read_rgb(index).transpose(2, 0, 1)), label
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """The samples ``[self[i] for i in indices]``, decoded into one ``(N, H, W, 3)`` buffer.
+
+        ``DataLoader`` calls this with a whole batch. Any ``collate_fn`` accepts the result (a list of
+        ``(image, label)``); :func:`collate_faces` returns the buffer itself, without stacking.
+        """
+        hwc = _new_batch_buffer((len(indices), *self.image_size, 3))
+        labels = self.read_into(indices, hwc.numpy())
+        return _DecodedBatch(hwc, labels)
+
+    def read_into(self, indices: Sequence[int], out: np.ndarray) -> np.ndarray:
+        """Decode the images of ``indices`` into ``out[:len(indices)]``; return their labels.
+
+        Bad images are handled as by ``__getitem__`` (replaced by another image of the identity and
+        counted in ``bad_items``), so ``out[j]`` equals ``self[indices[j]][0].permute(1, 2, 0)``.
+
+        Args:
+            indices: sample indices.
+            out: a writable uint8 array of shape ``(M, H, W, 3)``, ``M >= len(indices)`` and
+                ``(H, W) = image_size``; rows past ``len(indices)`` are left as they are.
+
+        Returns:
+            int64 labels of ``indices``, shape ``(len(indices),)`` (a new array).
+
+        Raises:
+            ValueError: ``out`` has another dtype or shape, or is read-only.
+            DatasetError: as ``__getitem__``.
+        """
+        n = len(indices)
+        h, w = self.image_size
+        if out.dtype != np.uint8 or out.ndim != 4 or out.shape[1:] != (h, w, 3) or out.shape[0] < n:
+            raise ValueError(
+                f"read_into: out must be a uint8 array of shape (>= {n}, {h}, {w}, 3), "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
+        if not out.flags.writeable:
+            raise ValueError("read_into: out is read-only")
+        labels = self._labels[np.asarray(indices, dtype=np.int64)]  # fancy indexing: a copy
+        read_rgb = self._read_rgb
+        for j, index in enumerate(indices):
+            out[j] = read_rgb(int(index))
+        return labels
+
+    def _read_rgb(self, index: int) -> np.ndarray:
+        """Image ``index`` as RGB ``(H, W, 3)``; a bad one is replaced (see :meth:`_substitute`)."""
+        img = _decode_rgb(self._encoded(index), self.image_size)
+        return self._substitute(index) if img is None else img
 
     def _substitute(self, index: int) -> np.ndarray:
-        """Count ``index`` as bad and return another image of the same identity."""
+        """Count ``index`` as bad and return another image of the same identity (RGB ``(H, W, 3)``)."""
         self.bad_items.add(index)
         log.warning("%s does not decode; using another image of its identity", self._where(index))
         if len(self.bad_items) > self.max_bad_fraction * len(self):
@@ -148,7 +228,7 @@ class _FaceDataset(Dataset):
         for other in self.indices_of(int(self._labels[index])):
             if int(other) in self.bad_items:
                 continue
-            img = decode_image(self._encoded(int(other)), self.image_size)
+            img = _decode_rgb(self._encoded(int(other)), self.image_size)
             if img is not None:
                 return img
             self.bad_items.add(int(other))
@@ -287,7 +367,7 @@ class RecordFaceDataset(_FaceDataset):
             )
 
     def _encoded(self, index: int) -> bytes | memoryview:
-        key = int(self.keys[index])
+        key: int = self.keys.item(index)  # .item: a Python int, cheaper than a numpy scalar here
         record = self.reader.read(key)
         # insightface's loader trains on the record's own label: it must agree with the identity
         # record that lists this key (checked here, for free, instead of reading every header at open).
@@ -296,7 +376,7 @@ class RecordFaceDataset(_FaceDataset):
         except RecordIOError as e:
             raise DatasetError(f"{self.reader.rec_path}: key {key}: {e}") from None
         payload = memoryview(record)[start:]
-        if stored != self._labels[index]:
+        if stored != self._labels.item(index):
             raise DatasetError(
                 f"{self.reader.rec_path}: key {key}: record label {stored:g} differs from identity "
                 f"{int(self._labels[index])} whose identity record lists this key"

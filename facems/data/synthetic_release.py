@@ -57,7 +57,7 @@ class Scale:
 
 SCALES = {
     "tiny": Scale(40, 8, 30, 12, 20, 8),
-    "demo": Scale(1000, 20, 300, 200, 100, 30),
+    "demo": Scale(1000, 20, 30, 200, 100, 30),
     "full": Scale(10000, 40, 300, 1000, 200, 60),
 }
 
@@ -92,14 +92,38 @@ def write_train_pack(root: str, faces: SyntheticFaces, quality: int | None = Non
         f.write(f"{k},112,112\n")
 
 
+def _attributes(faces: SyntheticFaces, identity: int) -> np.ndarray:
+    """Coarse look of an identity (skin and hair colour, facial hair, glasses), for impostor matching."""
+    p = faces.identity(identity)
+    return np.concatenate(
+        [
+            np.asarray(p.skin_rgb) / 255.0 * 2.0,
+            np.asarray(p.hair_rgb) / 255.0,
+            [float(p.facial_hair > 0), float(p.glasses > 0)],
+        ]
+    )
+
+
 def write_pair_bin(
-    path: str, faces: SyntheticFaces, pairs_per_fold: int, folds: int = 10, seed: int = 0
+    path: str,
+    faces: SyntheticFaces,
+    pairs_per_fold: int,
+    folds: int = 10,
+    seed: int = 0,
+    impostors: str = "matched",
 ) -> None:
     """A ``.bin`` of ``folds`` x (``pairs_per_fold`` genuine, then as many impostor pairs).
 
     Folds use disjoint identities. Genuine pair ``i`` of a fold shows one identity twice (images 0
     and 1); impostor pairs join two identities of the same fold (their images 2 and 3).
+
+    ``impostors="matched"`` pairs look-alikes, as CALFW and CPLFW chose their negative pairs among
+    people of the same gender and race: in random order, each identity still free takes the free
+    identity of its fold closest in skin colour, hair colour, facial hair and glasses. Colour then
+    tells little, and an untrained network is near chance. ``"random"`` pairs identities at random.
     """
+    if impostors not in ("matched", "random"):
+        raise ValueError(f"impostors must be 'matched' or 'random', got {impostors!r}")
     per_fold_ids = pairs_per_fold * 2
     if faces.num_identities < folds * per_fold_ids or faces.images_per_identity < 4:
         raise ValueError(
@@ -118,9 +142,23 @@ def write_pair_bin(
         for i in range(pairs_per_fold):
             images += [image(base + i, 0), image(base + i, 1)]
             issame.append(True)
-        partners = rng.permutation(per_fold_ids)
+        order = rng.permutation(per_fold_ids)
+        if impostors == "matched":
+            look = np.stack([_attributes(faces, base + int(i)) for i in order])
+            free = np.ones(per_fold_ids, dtype=bool)
+            partners = []
+            for a in range(per_fold_ids):
+                if not free[a]:
+                    continue
+                free[a] = False
+                cost = np.where(free, np.abs(look - look[a]).sum(axis=1), np.inf)
+                b = int(np.argmin(cost))
+                free[b] = False
+                partners += [int(order[a]), int(order[b])]
+        else:
+            partners = order.tolist()
         for i in range(pairs_per_fold):
-            a, b = int(partners[2 * i]), int(partners[2 * i + 1])
+            a, b = partners[2 * i], partners[2 * i + 1]
             images += [image(base + a, 2), image(base + b, 3)]
             issame.append(False)
     save_bin(path, np.stack(images).transpose(0, 3, 1, 2), np.asarray(issame))

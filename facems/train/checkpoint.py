@@ -48,7 +48,7 @@ import torch
 
 from facems.fileio import atomic_write, fsync_dir, temp_path
 
-__all__ = ["CheckpointError", "CheckpointManager", "atomic_save", "save_model_pt"]
+__all__ = ["CheckpointError", "CheckpointManager", "atomic_save", "load_checkpoint", "save_model_pt"]
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +286,21 @@ class CheckpointManager:
         raise CheckpointError(
             f"no checkpoint in {self.directory} could be loaded:\n  " + "\n  ".join(failures)
         )
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load one checkpoint file with the checks of :meth:`CheckpointManager.load_latest` (CRC, weights_only).
+
+    Raises:
+        CheckpointError: the file is missing or does not load; the message names it and says why.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
+    state, reason = _try_load(p, map_location)
+    if state is None:
+        raise CheckpointError(f"{p}: cannot load: {reason}")
+    return state
 
 
 def _try_load(path: Path, map_location: Any) -> tuple[dict[str, Any] | None, str]:

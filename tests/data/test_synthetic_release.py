@@ -129,3 +129,38 @@ def test_train_pack_fixed_quality(tmp_path: Path) -> None:
         payloads = [unpack(reader.read(k))[1] for k in range(1, 5)]
         sizes[q] = sum(map(len, payloads))
     assert sizes[30] < sizes[95]
+
+
+def test_matched_impostors_are_look_alikes(tmp_path: Path) -> None:
+    from facems.data.synthetic import SyntheticFaces
+    from facems.data.synthetic_release import _attributes, write_pair_bin
+
+    faces = SyntheticFaces(20, 4, seed=5)
+    rendered = np.stack([faces[i][0].transpose(2, 0, 1) for i in range(len(faces))]).astype(np.float32)
+
+    def source(img: np.ndarray) -> tuple[int, int]:  # (identity, j) of the rendering a JPEG image comes from
+        return divmod(int(np.abs(rendered - img.astype(np.float32)).mean(axis=(1, 2, 3)).argmin()), 4)
+
+    pairs = {}
+    for mode in ("matched", "random"):
+        write_pair_bin(str(tmp_path / f"{mode}.bin"), faces, 5, folds=2, seed=1, impostors=mode)
+        images, issame = load_bin(tmp_path / f"{mode}.bin")
+        assert issame.tolist() == ([True] * 5 + [False] * 5) * 2
+        found = [source(img) for img in images]
+        pairs[mode] = list(zip(found[0::2], found[1::2]))
+    assert [p for p, s in zip(pairs["matched"], issame) if s] == [
+        p for p, s in zip(pairs["random"], issame) if s
+    ]
+    cost = {}
+    for mode, found in pairs.items():
+        impostor = [p for p, s in zip(found, issame) if not s]
+        for fold in range(2):  # every identity of the fold appears in exactly one impostor pair
+            ids = sorted(i for (a, _), (b, _) in impostor[5 * fold : 5 * fold + 5] for i in (a, b))
+            assert ids == list(range(10 * fold, 10 * fold + 10))
+        assert all(ja == 2 and jb == 3 for (_, ja), (_, jb) in impostor)
+        cost[mode] = np.mean(
+            [np.abs(_attributes(faces, a) - _attributes(faces, b)).sum() for (a, _), (b, _) in impostor]
+        )
+    assert cost["matched"] < 0.7 * cost["random"]
+    with pytest.raises(ValueError, match="impostors"):
+        write_pair_bin(str(tmp_path / "x.bin"), faces, 5, folds=2, impostors="hard")

@@ -1,0 +1,210 @@
+"""The training loop end to end on a tiny synthetic pack: files written, exact resume, NaN handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from facems.config import load_config
+from facems.data.synthetic import SyntheticFaces
+from facems.data.synthetic_release import write_pair_bin, write_train_pack
+from facems.models import create_model
+from facems.testing import run_in_ddp
+from facems.train.checkpoint import CheckpointManager
+from facems.train.distributed import init_distributed
+from facems.train.loop import Trainer, TrainingDiverged, normalize_batch, resolve_precision
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_pack")
+    write_train_pack(str(root), SyntheticFaces(12, 4, seed=3), quality=90)
+    write_pair_bin(
+        str(root / "cplfw.bin"), SyntheticFaces(20, 4, seed=4, identity_offset=10_000), 1, folds=10
+    )
+    return root
+
+
+def tiny_config(root: Path, out: Path, *extra: str) -> Any:
+    """iresnet_tiny, P x K = 3 x 2 per rank: 8 steps per epoch on one process."""
+    return load_config(
+        None,
+        [
+            "name=tiny",
+            f"data.root={root}",
+            f"train.output_dir={out}",
+            "data.val_targets=[cplfw]",
+            "data.p=3",
+            "data.k=2",
+            "data.num_workers=0",
+            "data.pin_memory=false",
+            "model.name=iresnet_tiny",
+            "model.num_features=32",
+            "optim.lr=0.05",
+            "optim.grad_clip=5.0",
+            "schedule.epochs=2",
+            "schedule.warmup_epochs=0.5",
+            "train.deterministic=true",
+            "train.precision=fp32",
+            "train.checkpoint_every=3",
+            "eval.every_steps=4",
+            "eval.batch_size=16",
+            "log.every_steps=1",
+            "log.tensorboard=false",
+            *extra,
+        ],
+    )
+
+
+def run(cfg: Any) -> Trainer:
+    info = init_distributed("cpu")
+    trainer = Trainer(cfg, info)
+    trainer.fit()
+    return trainer
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.net.state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def test_normalize_batch_matches_the_formula() -> None:
+    images = torch.randint(0, 256, (3, 3, 4, 5), dtype=torch.uint8)
+    flip = torch.tensor([True, False, True])
+    out = normalize_batch(images, flip, channels_last=True)
+    expected = (images.float() / 255 - 0.5) / 0.5
+    expected[flip] = expected[flip].flip(3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_resolve_precision_on_cpu() -> None:
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    with pytest.raises(ValueError, match=r"train\.precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_fit_writes_the_run_folder(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(data_root, tmp_path / "run", "train.max_steps=5", "eval.at_start=true")
+    trainer = run(cfg)
+    assert trainer.step == 5
+    out = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "train.log",
+        "metrics.jsonl",
+        "model.pt",
+        "model_best.pt",
+        "checkpoint_last.pt",
+    ):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 4, 5]  # at start, every 4 steps, at the end
+    assert 0.0 <= evals[-1]["eval"]["cplfw"]["accuracy"] <= 1.0
+    backbone = create_model("iresnet_tiny", num_features=32)
+    backbone.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    found = CheckpointManager(out).load_latest()
+    assert found is not None and found[0]["step"] == 5
+    assert found[0]["sampler"]["steps_done"] == 5
+
+
+def test_resume_gives_the_same_parameters(data_root: Path, tmp_path: Path) -> None:
+    straight = run(tiny_config(data_root, tmp_path / "a", "train.max_steps=11"))
+    # Stop at step 6 (a checkpoint at 3 and at the end), then resume to 11 across the epoch boundary.
+    first = run(tiny_config(data_root, tmp_path / "b", "train.max_steps=6"))
+    assert first.step == 6
+    resumed = run(tiny_config(data_root, tmp_path / "b", "train.max_steps=11"))
+    assert resumed.resumed_from is not None and resumed.step == 11
+    assert_same(params(straight), params(resumed))
+    opt_a, opt_b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for key in opt_a["state"]:
+        torch.testing.assert_close(
+            opt_a["state"][key]["momentum_buffer"], opt_b["state"][key]["momentum_buffer"]
+        )
+
+
+def nan_input_hook(steps: set[int]) -> Any:
+    """A forward pre-hook that turns the backbone's input into NaN on the given training calls (1-based)."""
+    calls = {"n": 0}
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
+        if not module.training:
+            return None
+        calls["n"] += 1
+        return (args[0] * float("nan"),) if calls["n"] in steps or not steps else None
+
+    return hook
+
+
+def test_non_finite_step_is_skipped(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(data_root, tmp_path / "nan", "train.max_steps=3", "eval.every_steps=0")
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    # NaN input in step 2: the loss, the gradients and the BN running statistics all see it.
+    trainer.backbone.register_forward_pre_hook(nan_input_hook({2}))
+    trainer.fit()
+    assert trainer.step == 3 and trainer.bad_total == 1
+    state = trainer.net.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    records = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_steps") for r in records if "loss" in r] == [0, 1, 1]
+    assert (tmp_path / "nan" / "checkpoint_last.pt").is_file()
+
+
+def test_repeated_non_finite_steps_stop_training(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(data_root, tmp_path / "div", "train.max_bad_steps=2", "eval.every_steps=0")
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    before = params(trainer)
+    trainer.backbone.register_forward_pre_hook(nan_input_hook(set()))  # every training call
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
+        trainer.fit()
+    assert trainer.step == 1 and trainer.bad_total == 2  # the step that stops training is not counted
+    assert_same(before, params(trainer))  # nothing was applied, BN buffers restored
+    assert not list((tmp_path / "div").glob("checkpoint_*.pt"))
+
+
+def _ddp_run(rank: int, world: int, root: str, out: str, max_steps: int) -> dict[str, Any]:
+    trainer = run(tiny_config(Path(root), Path(out), f"train.max_steps={max_steps}", "data.p=2"))
+    return {
+        "step": trainer.step,
+        "params": {k: v.tolist() for k, v in params(trainer).items() if v.is_floating_point()},
+        "resumed": trainer.resumed_from is not None,
+    }
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_two_process_run_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+    # P=2 x K=2 per rank, 2 ranks: 8 images per global step, 48 images: 6 steps per epoch.
+    straight = run_in_ddp(2, _ddp_run, str(data_root), str(tmp_path / "a"), 8, timeout=240)
+    run_in_ddp(2, _ddp_run, str(data_root), str(tmp_path / "b"), 4, timeout=240)
+    resumed = run_in_ddp(2, _ddp_run, str(data_root), str(tmp_path / "b"), 8, timeout=240)
+    assert resumed[0]["resumed"] and resumed[0]["step"] == 8
+    # Rank 0 ends exactly where the straight run did, BatchNorm statistics included. BN statistics
+    # are rank-local (as in arcface_torch) and a checkpoint holds rank 0's, so after a resume rank 1
+    # continues from rank 0's statistics; its trained weights are the same as rank 0's (DDP).
+    for key, value in straight[0]["params"].items():
+        torch.testing.assert_close(
+            torch.tensor(resumed[0]["params"][key]), torch.tensor(value), rtol=0, atol=1e-6, msg=key
+        )
+    for key in (k for k in straight[0]["params"] if "running" not in k):
+        assert straight[0]["params"][key] == straight[1]["params"][key], key
+        assert resumed[1]["params"][key] == resumed[0]["params"][key], key
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert train_records[-1]["images"] == 8 * 2 * 2 * 2  # steps x P x K x ranks: all ranks counted
+    # The 2-process checkpoint resumes in one process (nothing is sharded).
+    single = run(tiny_config(data_root, tmp_path / "b", "train.max_steps=9", "data.p=2"))
+    assert single.resumed_from is not None and single.step == 9
