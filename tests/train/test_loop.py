@@ -121,19 +121,36 @@ def test_fit_writes_the_run_folder(data_root: Path, tmp_path: Path) -> None:
     assert found[0]["sampler"]["steps_done"] == 5
 
 
-def test_resume_gives_the_same_parameters(data_root: Path, tmp_path: Path) -> None:
-    straight = run(tiny_config(data_root, tmp_path / "a", "train.max_steps=11"))
-    # Stop at step 6 (a checkpoint at 3 and at the end), then resume to 11 across the epoch boundary.
-    first = run(tiny_config(data_root, tmp_path / "b", "train.max_steps=6"))
-    assert first.step == 6
-    resumed = run(tiny_config(data_root, tmp_path / "b", "train.max_steps=11"))
-    assert resumed.resumed_from is not None and resumed.step == 11
+HYBRID = ("loss.xbm_size=10", "loss.margin_head=cosface", "loss.margin_scale=16.0", "loss.margin=0.2")
+
+
+@pytest.mark.parametrize(
+    ("extra", "stop", "final"),
+    [
+        ((), 6, 11),  # 8 steps per epoch: resume inside epoch 0, finish inside epoch 1
+        (HYBRID, 6, 11),  # memory and margin head restored too
+        (("optim.grad_accum=2",), 3, 7),  # 4 optimizer steps per epoch
+    ],
+    ids=["ms", "xbm+cosface", "grad_accum"],
+)
+def test_resume_gives_the_same_parameters(
+    data_root: Path, tmp_path: Path, extra: tuple[str, ...], stop: int, final: int
+) -> None:
+    straight = run(tiny_config(data_root, tmp_path / "a", f"train.max_steps={final}", *extra))
+    # Stop at `stop` (a checkpoint every 3 steps and at the end), then resume to `final`.
+    first = run(tiny_config(data_root, tmp_path / "b", f"train.max_steps={stop}", *extra))
+    assert first.step == stop
+    resumed = run(tiny_config(data_root, tmp_path / "b", f"train.max_steps={final}", *extra))
+    assert resumed.resumed_from is not None and resumed.step == final
+    if straight.memory is not None and resumed.memory is not None:
+        assert len(straight.memory) == 10
+        torch.testing.assert_close(straight.memory.get()[0], resumed.memory.get()[0], rtol=0, atol=0)
     assert_same(params(straight), params(resumed))
     opt_a, opt_b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
-    for key in opt_a["state"]:
-        torch.testing.assert_close(
-            opt_a["state"][key]["momentum_buffer"], opt_b["state"][key]["momentum_buffer"]
-        )
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for key, state in opt_a["state"].items():  # AdamW moments and step counts
+        for name, value in state.items():
+            torch.testing.assert_close(value, opt_b["state"][key][name], rtol=0, atol=0, msg=f"{key}.{name}")
 
 
 def nan_input_hook(steps: set[int]) -> Any:
