@@ -216,6 +216,10 @@ def bench_train(
         dev = torch.device("cuda", torch.cuda.current_device())
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"bench_train: precision = 'bf16': {device_name(dev)} does not support bf16")
+    if dev.type == "cpu":  # as the trainer does: no mmap/munmap of activations every step
+        from facems.train.loop import tune_cpu_allocator
+
+        tune_cpu_allocator()
     rank, world = world_info()
     sync = _sync(dev)
     reset_peak_memory(dev)
