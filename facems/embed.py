@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from facems.data.transforms import normalize_faces
+
 __all__ = ["PRECISIONS", "embed_images", "embed_views"]
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,13 +128,12 @@ def embed_views(
     chunks: list[Tensor] = []
     with _eval_mode(model), torch.inference_mode():
         for b in range(start, stop, batch_size):
-            x = x_all[b : min(b + batch_size, stop)].to(dev, non_blocking=True).float()
-            x = ((x / 255) - 0.5) / 0.5
-            views = [x, torch.flip(x, dims=[3])] if flip else [x]
+            x = x_all[b : min(b + batch_size, stop)].to(dev, non_blocking=True)
+            views = [normalize_faces(x, channels_last=channels_last)]
+            if flip:
+                views.append(normalize_faces(x.flip(3), channels_last=channels_last))
             outs = []
             for v in views:
-                if channels_last:
-                    v = v.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = model(v)
                 outs.append(out.float().reshape(out.shape[0], -1))

@@ -31,12 +31,14 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from facems.config import OptimConfig
+from facems.data.transforms import normalize_faces
 from facems.losses import CrossRankLoss, MultiSimilarityLoss
 from facems.losses.distributed import world_info
 from facems.models import create_model
+from facems.train.loop import tune_cpu_allocator
 from facems.train.optim import build_optimizer
 
 __all__ = [
@@ -46,7 +48,6 @@ __all__ = [
     "device_name",
     "format_table",
     "peak_memory_mb",
-    "prepare_batch",
     "reset_peak_memory",
 ]
 
@@ -101,35 +102,6 @@ class BenchResult:
     def as_dict(self) -> dict[str, Any]:
         """The fields and ``ms_step`` as a plain dict (for JSON output)."""
         return {**asdict(self), "ms_step": self.ms_step}
-
-
-def prepare_batch(images: Tensor, flip: Tensor, device: torch.device, channels_last: bool = True) -> Tensor:
-    """Turn a host uint8 batch into model input on ``device``, as the training loop does.
-
-    Args:
-        images: ``(N, 3, H, W)`` uint8 RGB (pinned for an asynchronous copy to a GPU).
-        flip: ``(N,)`` bool, on ``device``: which images to mirror horizontally.
-        device: target device.
-        channels_last: return the batch in channels_last memory format.
-
-    Returns:
-        ``(N, 3, H, W)`` float32 on ``device`` in [-1, 1]: ``(x / 255 - 0.5) / 0.5``.
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(
-            f"prepare_batch: images of dtype {images.dtype} and shape {tuple(images.shape)}: "
-            "expected a uint8 (N, 3, H, W) tensor"
-        )
-    if flip.shape != images.shape[:1]:
-        raise ValueError(
-            f"prepare_batch: flip of shape {tuple(flip.shape)}: expected ({images.shape[0]},), one per image"
-        )
-    x = images.to(device, non_blocking=True)
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    x = x.float().div_(255.0).sub_(0.5).div_(0.5)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def device_name(device: torch.device) -> str:
@@ -217,8 +189,6 @@ def bench_train(
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"bench_train: precision = 'bf16': {device_name(dev)} does not support bf16")
     if dev.type == "cpu":  # as the trainer does: no mmap/munmap of activations every step
-        from facems.train.loop import tune_cpu_allocator
-
         tune_cpu_allocator()
     rank, world = world_info()
     sync = _sync(dev)
@@ -263,7 +233,7 @@ def bench_train(
         sync()
         t0 = time.perf_counter()
         flip = torch.rand(batch, device=dev, generator=flip_gen) < 0.5
-        x = prepare_batch(host[i % 2], flip, dev, channels_last)
+        x = normalize_faces(host[i % 2].to(dev, non_blocking=True), flip, channels_last)
         sync()
         t1 = time.perf_counter()
         with autocast():

@@ -55,6 +55,7 @@ from facems.data.binfile import load_bin
 from facems.data.datasets import RecordFaceDataset
 from facems.data.loader import build_face_loader
 from facems.data.samplers import DistributedPKSampler
+from facems.data.transforms import normalize_faces
 from facems.losses import (
     BinomialDevianceLoss,
     ContrastiveLoss,
@@ -89,7 +90,6 @@ __all__ = [
     "build_pair_loss",
     "cpu_supports_bf16",
     "fit",
-    "normalize_batch",
     "resolve_precision",
     "tune_cpu_allocator",
 ]
@@ -179,22 +179,6 @@ def build_pair_loss(cfg: Config) -> nn.Module:
         "binomial": BinomialDevianceLoss,
     }
     return makers[lc.name]()
-
-
-def normalize_batch(images: Tensor, flip: Tensor | None, channels_last: bool) -> Tensor:
-    """uint8 ``(N, 3, H, W)`` on the device -> float ``(x / 255 - 0.5) / 0.5``, rows in ``flip`` mirrored.
-
-    Args:
-        images: uint8 images (any memory format).
-        flip: bool ``(N,)`` on the same device, or ``None`` for no flipping.
-        channels_last: return the channels_last memory format.
-    """
-    x = images.float()
-    if flip is not None:
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    x = x.sub_(127.5).div_(127.5)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return x.contiguous(memory_format=fmt)
 
 
 def _flip_mask(seed: int, epoch: int, micro: int, rank: int, n: int) -> Tensor:
@@ -473,7 +457,7 @@ class Trainer:
         images = images.to(self.device, non_blocking=non_blocking)
         labels = labels.to(self.device, non_blocking=non_blocking)
         flip = _flip_mask(self.cfg.data.seed, self.epoch, self.micro, self.info.rank, images.shape[0])
-        x = normalize_batch(images, flip.to(self.device), self.cfg.model.channels_last)
+        x = normalize_faces(images, flip.to(self.device), self.cfg.model.channels_last)
         with _autocast(self.device, self.precision):
             emb, head_loss = self.model_fn(x, labels)
         loss = self.pair_loss(emb, labels)

@@ -16,7 +16,7 @@ from facems.models import create_model
 from facems.testing import run_in_ddp
 from facems.train.checkpoint import CheckpointManager
 from facems.train.distributed import init_distributed
-from facems.train.loop import Trainer, TrainingDiverged, normalize_batch, resolve_precision
+from facems.train.loop import Trainer, TrainingDiverged, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +75,6 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
-
-
-def test_normalize_batch_matches_the_formula() -> None:
-    images = torch.randint(0, 256, (3, 3, 4, 5), dtype=torch.uint8)
-    flip = torch.tensor([True, False, True])
-    out = normalize_batch(images, flip, channels_last=True)
-    expected = (images.float() / 255 - 0.5) / 0.5
-    expected[flip] = expected[flip].flip(3)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_resolve_precision_on_cpu() -> None:
