@@ -39,6 +39,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,7 @@ class Trainer:
         self.best_step = -1
         self.best_eval: dict[str, dict[str, float]] = {}
         self.last_eval: dict[str, dict[str, float]] = {}
+        self.last_eval_step = -1
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.train.keep_checkpoints)
         self.resumed_from = self._resume()
         if info.is_main:
@@ -618,7 +620,7 @@ class Trainer:
                 )
                 results[name] = {"accuracy": float(r.accuracy), "std": float(r.std), "xnorm": float(r.xnorm)}
             score = float(np.mean([v["accuracy"] for v in results.values()]))
-            self.last_eval = results
+            self.last_eval, self.last_eval_step = results, self.step
             if self.info.is_main:
                 self.tlog.log_eval(self.step, results)
                 save_model_pt(self.backbone.state_dict(), self.run_dir / "model.pt")
@@ -682,7 +684,7 @@ class Trainer:
                 self.evaluate()
             while self.step < self.total_steps and self.train_one_epoch():
                 pass
-            if not (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.last_eval):
+            if self.last_eval_step != self.step:  # not evaluated at this step yet
                 self.evaluate()
             self.save_checkpoint()
         finally:
@@ -707,8 +709,6 @@ def _steps_for(sampler_state: dict[str, Any]) -> int:
 
 @contextlib.contextmanager
 def _quiet_scheduler_warning() -> Iterator[None]:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
         yield
