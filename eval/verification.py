@@ -3,8 +3,9 @@
     python eval/verification.py --model work_dirs/ms1mv2_r50/model.pt --bins /data/faces_emore \
         --targets calfw cplfw [lfw cfp_fp agedb_30] [--model-name iresnet50] [--json results.json]
 
-``--model`` is a backbone state_dict (facems or insightface ``model.pt`` / ``backbone.pth``), loaded
-with ``torch.load(weights_only=True)`` into ``--model-name``. Each target is read from
+``--model`` is facems' ``model.pt``, a facems training checkpoint, an insightface ``model.pt`` /
+``backbone.pth`` (read with ``torch.load(weights_only=True)``; the network is inferred from the keys
+unless ``--model-name`` is given) or an exported ``.onnx`` file (run by onnxruntime). Each target is read from
 ``BINS/<target>.bin``. Prints one markdown table per target; ``--json`` writes every result.
 """
 
@@ -18,7 +19,7 @@ import sys
 import torch
 
 from facems.embed import PRECISIONS
-from facems.models import create_model, list_models
+from facems.models import WeightsError, list_models, load_backbone
 from facems.protocols.pairs import PairResult, verify_bin
 
 
@@ -27,8 +28,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="backbone state_dict file (model.pt)")
     p.add_argument("--bins", required=True, help="folder holding <target>.bin files")
     p.add_argument("--targets", nargs="+", required=True, help="pair sets, e.g. calfw cplfw lfw")
-    p.add_argument("--model-name", default="iresnet50", choices=list_models(), help="architecture")
-    p.add_argument("--num-features", type=int, default=512, help="embedding size of the backbone")
+    p.add_argument(
+        "--model-name", default=None, choices=list_models(), help="architecture (default: inferred)"
+    )
+    p.add_argument("--num-features", type=int, default=None, help="embedding size (default: inferred)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--no-flip", action="store_true", help="skip the flip test")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -38,16 +41,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_backbone(path: str, model_name: str, num_features: int, device: torch.device) -> torch.nn.Module:
-    """Build ``model_name`` and load the state_dict at ``path`` into it (strict)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise SystemExit(f"{path}: expected a state_dict (dict of tensors), got {type(state).__name__}")
-    model = create_model(model_name, num_features=num_features)
+def load_model(
+    path: str, model_name: str | None, num_features: int | None, device: torch.device
+) -> torch.nn.Module:
+    """The backbone in ``path`` (weights or ``.onnx``) on ``device``; exits with a message when it does not load."""
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"{path}: does not fit --model-name {model_name}: {e}") from None
+        model = load_backbone(path, model_name, num_features)
+    except WeightsError as e:
+        raise SystemExit(f"error: {e}") from None
     return model.to(device).eval()
 
 
@@ -74,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: missing pair files: {', '.join(missing)}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_backbone(args.model, args.model_name, args.num_features, device)
+    model = load_model(args.model, args.model_name, args.num_features, device)
     results: dict[str, PairResult] = {}
     for target, path in paths.items():
         results[target] = verify_bin(

@@ -17,6 +17,7 @@ import logging
 import sys
 
 from facems.config import ConfigError, config_to_dict, list_presets, load_config
+from facems.models import WeightsError
 from facems.train.distributed import LaunchError
 from facems.train.loop import TrainingDiverged, fit
 
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         result = fit(cfg, device=args.device)
     except LaunchError as e:
         print(f"train.py: launch error: {e}", file=sys.stderr)
+        return 2
+    except WeightsError as e:
+        print(f"train.py: model.init_from: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"train.py: {e}", file=sys.stderr)

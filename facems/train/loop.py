@@ -69,7 +69,7 @@ from facems.losses import (
     all_gather_no_grad,
     xbm_loss,
 )
-from facems.models import create_model
+from facems.models import create_model, open_backbone
 from facems.protocols.pairs import verify_bin
 from facems.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_model_pt
 from facems.train.distributed import (
@@ -264,9 +264,8 @@ class Trainer:
         backbone = create_model(
             mc.name, num_features=mc.num_features, dropout=mc.dropout, grad_checkpoint=mc.grad_checkpoint
         )
-        if mc.init_from:
-            state = torch.load(mc.init_from, map_location="cpu", weights_only=True)
-            backbone.load_state_dict(state)
+        if mc.init_from:  # facems or insightface weights, checked key by key (fine-tuning)
+            backbone.load_state_dict(open_backbone(mc.init_from, mc.name, mc.num_features)[0].state_dict())
         head = None
         if cfg.loss.margin_head is not None:
             num_classes = int(self.dataset.labels.max()) + 1

@@ -283,10 +283,8 @@ def test_cli_errors_name_the_problem(
     base = ["--model", str(weights), "--bins", str(root), "--device", "cpu"]
     assert cli.main(cli.get_args_parser().parse_args([*base, "--targets", "calfw", "lfw"])) == 2
     assert "lfw.bin" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="does not fit --model-name mbf"):
+    with pytest.raises(SystemExit, match="does not fit mbf"):
         cli.main(cli.get_args_parser().parse_args([*base, "--targets", "calfw", "--model-name", "mbf"]))
     torch.save([1, 2], weights)
     with pytest.raises(SystemExit, match="expected a state_dict"):
-        cli.main(
-            cli.get_args_parser().parse_args([*base, "--targets", "calfw", "--model-name", "iresnet_tiny"])
-        )
+        cli.main(cli.get_args_parser().parse_args([*base, "--targets", "calfw"]))

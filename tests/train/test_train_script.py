@@ -81,3 +81,26 @@ def test_one_process_run_end_to_end(tmp_path: Path) -> None:
     assert any("eval" in r for r in records)
     assert (out / "checkpoint_last.pt").is_file() and (out / "model.pt").is_file()
     assert list((out / "tb").iterdir())  # TensorBoard event file
+
+
+def test_init_from_that_does_not_fit_is_a_clear_error(tmp_path: Path) -> None:
+    import torch
+
+    from facems.models import create_model
+
+    root = tmp_path / "data"
+    root.mkdir()
+    write_train_pack(str(root), SyntheticFaces(4, 4, seed=1), quality=90)
+    weights = tmp_path / "backbone.pth"
+    torch.save({"module." + k: v for k, v in create_model("iresnet18").state_dict().items()}, weights)
+    result = train(
+        f"data.root={root}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "data.val_targets=[]",
+        "data.p=2",
+        "data.k=2",
+        f"model.init_from={weights}",
+        "train.max_steps=1",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model.init_from" in result.stderr and "does not fit iresnet_tiny" in result.stderr

@@ -1,0 +1,1 @@
+"""Model export: ONNX files for onnxruntime and insightface (:mod:`facems.export.onnx`)."""
