@@ -68,6 +68,11 @@ def main() -> None:
     print(
         f"device: {card}; torch {torch.__version__}, {torch.get_num_threads()} threads; precision {args.precision}"
     )
+    load = os.getloadavg()[0]
+    if dev.type == "cpu" and load > 0.5:  # OpenMP threads then wait on each other: 10x slower or worse
+        print(
+            f"warning: load average {load:.1f} before the run; CPU numbers are only meaningful on an idle machine"
+        )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_infer-") as tmp:
         for name in args.models:
