@@ -34,6 +34,7 @@ __all__ = [
     "iresnet100",
     "iresnet200",
     "iresnet_tiny",
+    "iresnet_tiny_s2",
 ]
 
 
@@ -94,6 +95,8 @@ class IResNet(nn.Module):
         grad_checkpoint: Checkpoint every block in train mode (saves activation memory).
         width_mult: Channel multiplier for the stem and the 64/128/256/512 stage widths
             (1.0 for the standard models; used by :func:`iresnet_tiny`).
+        stem_stride: 1 (insightface's iResNets: a 7x7 final map) or 2 (the first convolution halves
+            the input, about 4x less compute, a 4x4 final map; used by :func:`iresnet_tiny_s2`).
     """
 
     fc_scale = 7 * 7
@@ -107,6 +110,7 @@ class IResNet(nn.Module):
         zero_init_residual: bool = False,
         grad_checkpoint: bool = False,
         width_mult: float = 1.0,
+        stem_stride: int = 1,
     ):
         super().__init__()
         if len(layers) != 4:
@@ -117,7 +121,9 @@ class IResNet(nn.Module):
         self.grad_checkpoint = grad_checkpoint
         self.inplanes = widths[0]
 
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes, eps=1e-05)
         self.prelu = nn.PReLU(self.inplanes)
         self.layer1 = self._make_layer(block, widths[0], layers[0], stride=2)
@@ -127,7 +133,10 @@ class IResNet(nn.Module):
         out_channels = widths[3] * block.expansion
         self.bn2 = nn.BatchNorm2d(out_channels, eps=1e-05)
         self.dropout = nn.Dropout(p=dropout, inplace=True)
-        self.fc = nn.Linear(out_channels * self.fc_scale, num_features)
+        side = 112 // stem_stride
+        for _ in range(4):  # each stage halves the side, rounding up (3x3 convolutions, stride 2, padding 1)
+            side = (side + 1) // 2
+        self.fc = nn.Linear(out_channels * side * side, num_features)
         self.features = nn.BatchNorm1d(num_features, eps=1e-05)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
@@ -230,4 +239,17 @@ def iresnet_tiny(**kwargs: Any) -> IResNet:
     model is meant for unit tests, smoke runs and demos, not for accuracy.
     """
     kwargs.setdefault("width_mult", 0.25)
+    return IResNet(IBasicBlock, [2, 2, 2, 2], **kwargs)
+
+
+@register_model
+def iresnet_tiny_s2(**kwargs: Any) -> IResNet:
+    """:func:`iresnet_tiny` with a stride-2 first convolution: the CPU demo model.
+
+    The 112x112 input is halved by the stem, so every stage works at half the side of iresnet_tiny's
+    (final map 4x4, ``fc`` input 128*4*4): about a quarter of the multiply-adds, for a demo that must
+    train within minutes on two CPU cores. Not an insightface architecture.
+    """
+    kwargs.setdefault("width_mult", 0.25)
+    kwargs.setdefault("stem_stride", 2)
     return IResNet(IBasicBlock, [2, 2, 2, 2], **kwargs)

@@ -18,10 +18,11 @@ PARAM_COUNTS = {
     "iresnet100": (65_156_160, 65.2e6),
     "iresnet200": (118_833_920, 118.8e6),
     "iresnet_tiny": (3_914_752, None),
+    "iresnet_tiny_s2": (1_752_064, None),  # iresnet_tiny less its fc difference: 128 * (49 - 16) * 512
 }
 
 # Models cheap enough to run forward + backward on 2 CPU cores; the rest are only constructed.
-RUNNABLE = {"iresnet_tiny", "iresnet18", "mbf"}
+RUNNABLE = {"iresnet_tiny", "iresnet_tiny_s2", "iresnet18", "mbf"}
 
 
 def _num_params(model: nn.Module) -> int:

@@ -116,8 +116,9 @@ def test_facems_model_pt_round_trip_and_checkpoint(tmp_path: Path) -> None:
     assert open_backbone(tmp_path / "checkpoint_gpu_0.pt")[1:] == ("iresnet_tiny", 64)
 
 
-def test_mbf_inferred() -> None:
-    assert infer_network(create_model("mbf", num_features=128).state_dict()) == ("mbf", 128)
+@pytest.mark.parametrize("name", ["mbf", "iresnet_tiny", "iresnet_tiny_s2"])
+def test_small_networks_inferred(name: str) -> None:
+    assert infer_network(create_model(name, num_features=128).state_dict()) == (name, 128)
 
 
 def test_errors_name_the_keys(tmp_path: Path) -> None:
