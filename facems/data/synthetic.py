@@ -71,6 +71,7 @@ difficulty 1 (1,150/s at difficulty 0) and a full ``SyntheticFaces`` item ~700/s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -1091,6 +1092,17 @@ def _check_int(name: str, value: int, minimum: int) -> int:
     return int(value)
 
 
+def _check_knobs(name: str, value: float | Sequence[float]) -> float | tuple[float, ...]:
+    """A knob that is one number or a non-empty sequence of them (one per image index modulo its length)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(
+                f"SyntheticFaces: {name} must be a number or a non-empty sequence, got {value!r}"
+            )
+        return tuple(_check_knob("SyntheticFaces", name, v) for v in value)
+    return _check_knob("SyntheticFaces", name, value)  # type: ignore[arg-type]
+
+
 class SyntheticFaces:
     """A deterministic, indexable set of synthetic aligned faces.
 
@@ -1102,8 +1114,10 @@ class SyntheticFaces:
         images_per_identity: images of each (>= 1).
         seed: the set's seed (>= 0); the same seed gives the same bytes on every machine.
         difficulty: nuisance strength (>= 0): 0 clean, 1 default, 2 hard.
-        pose_scale: extra multiplier on pose (CPLFW-like: ~3).
-        age_scale: extra multiplier on the age-like change (CALFW-like: ~4).
+        pose_scale: extra multiplier on pose (CPLFW-like: ~3), or a sequence of them: image ``j`` of
+            every identity then uses ``pose_scale[j % len(pose_scale)]`` (a training set whose pose
+            range covers that of the evaluation sets, as real training sets do).
+        age_scale: extra multiplier on the age-like change (CALFW-like: ~4), or a sequence as above.
         identity_offset: the first global identity id (>= 0); disjoint ranges give disjoint people.
 
     Attributes:
@@ -1116,8 +1130,8 @@ class SyntheticFaces:
         images_per_identity: int,
         seed: int,
         difficulty: float = 1.0,
-        pose_scale: float = 1.0,
-        age_scale: float = 1.0,
+        pose_scale: float | Sequence[float] = 1.0,
+        age_scale: float | Sequence[float] = 1.0,
         identity_offset: int = 0,
     ) -> None:
         self.num_identities = _check_int("num_identities", num_identities, 1)
@@ -1125,8 +1139,8 @@ class SyntheticFaces:
         self.seed = _check_int("seed", seed, 0)
         self.identity_offset = _check_int("identity_offset", identity_offset, 0)
         self.difficulty = _check_knob("SyntheticFaces", "difficulty", difficulty)
-        self.pose_scale = _check_knob("SyntheticFaces", "pose_scale", pose_scale)
-        self.age_scale = _check_knob("SyntheticFaces", "age_scale", age_scale)
+        self.pose_scale = _check_knobs("pose_scale", pose_scale)
+        self.age_scale = _check_knobs("age_scale", age_scale)
         self.labels: np.ndarray = np.repeat(
             np.arange(self.num_identities, dtype=np.int64), self.images_per_identity
         )
@@ -1164,7 +1178,13 @@ class SyntheticFaces:
         """The nuisance of item ``index``."""
         k, j = self._split(index)
         seq = np.random.SeedSequence([self.seed, _IMAGE_STREAM, self.identity_offset + k, j])
-        return sample_nuisance(np.random.default_rng(seq), self.difficulty, self.pose_scale, self.age_scale)
+        pose = (
+            self.pose_scale[j % len(self.pose_scale)]
+            if isinstance(self.pose_scale, tuple)
+            else self.pose_scale
+        )
+        age = self.age_scale[j % len(self.age_scale)] if isinstance(self.age_scale, tuple) else self.age_scale
+        return sample_nuisance(np.random.default_rng(seq), self.difficulty, pose, age)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, np.ndarray]:
         """``(image uint8 [112, 112, 3] RGB, label, landmarks float32 [5, 2])`` of item ``index``."""

@@ -347,3 +347,22 @@ def test_difficulty_proxies_raw_pixels_and_lda() -> None:
     lda = LinearDiscriminantAnalysis().fit(pca.transform(x_train), train.labels)
     lda_acc, lda_gap = _verification(lda.transform(pca.transform(x_test)), first, second, same)
     assert lda_acc > acc + 0.08 and lda_gap > 0.0
+
+
+def test_knob_sequences_pick_per_image_index() -> None:
+    mixed = SyntheticFaces(3, 6, seed=5, pose_scale=[1.0, 3.0], age_scale=(1.0, 1.0, 4.0))
+    sets = {
+        (p, a): SyntheticFaces(3, 6, seed=5, pose_scale=p, age_scale=a)
+        for p in (1.0, 3.0)
+        for a in (1.0, 4.0)
+    }
+    for i in range(len(mixed)):
+        j = i % 6
+        same = sets[(3.0 if j % 2 else 1.0, 4.0 if j % 3 == 2 else 1.0)]
+        assert mixed.nuisance(i) == same.nuisance(i)
+        assert np.array_equal(mixed[i][0], same[i][0])
+    assert mixed.identity(1) == sets[(1.0, 1.0)].identity(1)  # the same people
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        SyntheticFaces(3, 6, seed=5, pose_scale=[])
+    with pytest.raises(ValueError, match="pose_scale must be a finite number"):
+        SyntheticFaces(3, 6, seed=5, pose_scale=[1.0, -2.0])
