@@ -22,9 +22,16 @@ import time
 from pathlib import Path
 
 from facems.config import load_config
-from facems.data.synthetic_release import write_synthetic_root
+from facems.data.synthetic_release import RELEASE_VERSION, write_synthetic_root
 
 TARGET = ("cplfw", 0.90)
+
+
+def _stamp_version(stamp: Path) -> object:
+    try:
+        return json.loads(stamp.read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def main() -> int:
@@ -37,8 +44,8 @@ def main() -> int:
     args = parser.parse_args()
     t0 = time.perf_counter()
     root = Path(args.root)
-    stamp = root / ".facems-demo-scale"
-    if not stamp.is_file():
+    stamp = root / ".facems-demo-scale"  # what was written, and by which version of the generator
+    if _stamp_version(stamp) != RELEASE_VERSION:
         print(f"[demo] writing the demo-scale synthetic set to {root} ...", flush=True)
         counts = write_synthetic_root(str(root), "demo", seed=0)
         stamp.write_text(json.dumps(counts) + "\n")

@@ -48,11 +48,11 @@ def test_default_is_synthetic_demo_and_matches_the_brief() -> None:
     cfg = load_config()
     assert cfg == load_config("synthetic_demo")
     assert cfg.name == "synthetic_demo"
-    assert cfg.model.name == "iresnet_tiny"
+    assert cfg.model.name == "iresnet_tiny_s2"
     assert (cfg.data.p, cfg.data.k) == (16, 4)
     assert cfg.train.precision == "auto"
     assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.001)
-    assert cfg.eval.at_start and cfg.schedule.epochs == 1
+    assert cfg.eval.at_start and cfg.schedule.epochs == 2
     assert cfg.data.root == "data/synthetic"
     assert cfg.train.output_dir == "work_dirs/synthetic_demo"
     # MS loss at the official defaults, not pytorch-metric-learning's beta 50
@@ -149,7 +149,7 @@ def test_overrides_of_each_type() -> None:
     assert cfg.train.max_steps == 10
     assert cfg.name == "my_run" and cfg.train.output_dir == "work_dirs/my_run"
     # untouched fields keep the preset's values
-    assert cfg.data.k == 4 and cfg.model.name == "iresnet_tiny"
+    assert cfg.data.k == 4 and cfg.model.name == "iresnet_tiny_s2"
 
 
 def test_null_override_and_later_override_wins() -> None:

@@ -39,6 +39,13 @@ __all__ = [
     "write_train_pack",
 ]
 
+# Bumped whenever what write_synthetic_root writes changes, so that cached sets (make demo) are rebuilt.
+RELEASE_VERSION = 2
+
+# Nuisance of the training pack, one value per image index (see SyntheticFaces): the evaluation sets
+# use pose_scale 3 (cplfw) and age_scale 4 (calfw).
+TRAIN_POSE_SCALES, TRAIN_AGE_SCALES = (1.0, 3.0), (1.0, 1.0, 4.0)
+
 # Identity ranges: each set draws identities from its own block, so no evaluation identity is trained on.
 TRAIN_IDS, CALFW_IDS, CPLFW_IDS, IJBC_IDS, CUB_IDS = 0, 1_000_000, 2_000_000, 3_000_000, 4_000_000
 
@@ -57,7 +64,7 @@ class Scale:
 
 SCALES = {
     "tiny": Scale(40, 8, 30, 12, 20, 8),
-    "demo": Scale(1000, 20, 30, 200, 100, 30),
+    "demo": Scale(2000, 20, 30, 200, 100, 30),
     "full": Scale(10000, 40, 300, 1000, 200, 60),
 }
 
@@ -353,7 +360,16 @@ def write_synthetic_root(root: str, scale: str | Scale = "tiny", seed: int = 0) 
     else:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     os.makedirs(root, exist_ok=True)
-    train = SyntheticFaces(sc.train_identities, sc.train_images_per_identity, seed, identity_offset=TRAIN_IDS)
+    # Like a real training set, the pack covers the pose and age ranges of the evaluation sets below:
+    # every 2nd image of a person has CPLFW-like pose, every 3rd a CALFW-like age change.
+    train = SyntheticFaces(
+        sc.train_identities,
+        sc.train_images_per_identity,
+        seed,
+        pose_scale=TRAIN_POSE_SCALES,
+        age_scale=TRAIN_AGE_SCALES,
+        identity_offset=TRAIN_IDS,
+    )
     write_train_pack(root, train)
     pair_ids = 10 * 2 * sc.pairs_per_fold
     calfw = SyntheticFaces(pair_ids, 4, seed, age_scale=4.0, identity_offset=CALFW_IDS)
@@ -369,6 +385,7 @@ def write_synthetic_root(root: str, scale: str | Scale = "tiny", seed: int = 0) 
     if scale == "full":
         write_ijbc_meta_at_scale(os.path.join(root, "IJBC_full"), seed=seed)
     return {
+        "version": RELEASE_VERSION,
         "train_images": len(train),
         "train_identities": train.num_identities,
         "pairs_per_bin": 20 * sc.pairs_per_fold,
