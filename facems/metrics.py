@@ -1,4 +1,4 @@
-"""Verification metrics: pure numpy functions on labels, scores and embeddings.
+"""Verification, identification and retrieval metrics: pure numpy functions on labels, scores and embeddings.
 
 Conventions:
 
@@ -12,17 +12,41 @@ off that curve the way insightface's IJB evaluation does ("nearest") or with the
 ("conservative"); :func:`kfold_accuracy` is insightface's ``.bin`` pair-accuracy protocol
 (``recognition/arcface_torch/eval/verification.py``, ``calculate_roc``), computed for every threshold
 at once.
+
+1:N identification on a ``(n_probe, n_gallery)`` similarity matrix: :func:`cmc` (closed set, mated
+probes only, pessimistic ties) and :func:`tpir_at_fpir` (open set, insightface's ``evaluation_1N``
+threshold convention).
+
+Retrieval on embeddings: :func:`retrieval_metrics` (and :func:`recall_at_k`, :func:`map_at_r`,
+:func:`r_precision`) with pytorch-metric-learning's ``AccuracyCalculator`` definitions, on exact cosine
+nearest neighbours (:func:`nearest_neighbors`) computed one chunk of queries at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import KFold
 
-__all__ = ["DEFAULT_FARS", "KFoldResult", "kfold_accuracy", "roc", "tar_at_far"]
+__all__ = [
+    "DEFAULT_FARS",
+    "DEFAULT_FPIRS",
+    "DEFAULT_RANKS",
+    "DEFAULT_RECALL_KS",
+    "KFoldResult",
+    "cmc",
+    "kfold_accuracy",
+    "map_at_r",
+    "nearest_neighbors",
+    "r_precision",
+    "recall_at_k",
+    "retrieval_metrics",
+    "roc",
+    "tar_at_far",
+    "tpir_at_fpir",
+]
 
 DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -282,3 +306,462 @@ def kfold_accuracy(
         fold_accuracies=fold_acc,
         fold_thresholds=fold_thr,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Closed- and open-set identification (1:N): CMC and TPIR@FPIR
+# ----------------------------------------------------------------------------------------------------
+
+DEFAULT_RANKS: tuple[int, ...] = (1, 5, 10)
+DEFAULT_FPIRS: tuple[float, ...] = (1e-2, 1e-1)
+
+# Cells of a (probe chunk x gallery) block handled at once: bounds the temporary masks to ~64 MB.
+_BLOCK_CELLS = 1 << 23
+
+
+def _check_identification(
+    scores: np.ndarray, probe_labels: np.ndarray, gallery_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate a (probe x gallery) score matrix and its labels; return them as arrays."""
+    s = np.asarray(scores)
+    p = np.asarray(probe_labels)
+    g = np.asarray(gallery_labels)
+    if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
+        raise ValueError(f"scores: expected a non-empty (n_probe, n_gallery) matrix, got shape {s.shape}")
+    if p.ndim != 1 or p.shape[0] != s.shape[0]:
+        raise ValueError(
+            f"probe_labels: expected shape ({s.shape[0]},) to match scores {s.shape}, got {p.shape}"
+        )
+    if g.ndim != 1 or g.shape[0] != s.shape[1]:
+        raise ValueError(
+            f"gallery_labels: expected shape ({s.shape[1]},) to match scores {s.shape}, got {g.shape}"
+        )
+    if s.dtype.kind not in "biuf":
+        raise ValueError(f"scores: expected real numbers, got dtype {s.dtype}")
+    if s.dtype.kind != "f":
+        s = s.astype(np.float64)
+    if not np.all(np.isfinite(s)):
+        bad = np.argwhere(~np.isfinite(s))[0]
+        raise ValueError(
+            f"scores: expected finite values, got {s[tuple(bad)]} at (probe, gallery) {tuple(bad)}"
+        )
+    return s, p, g
+
+
+def _identification_stats(
+    scores: np.ndarray, probe_labels: np.ndarray, gallery_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-probe quantities shared by :func:`cmc` and :func:`tpir_at_fpir`.
+
+    Returns:
+        ``(mated, mated_score, rank, top_score)``, each ``[n_probe]``: whether the probe's label occurs in
+        the gallery; its best score against a gallery entry of its own label (``-inf`` if none); its
+        pessimistic rank ``1 + #{gallery entries of another label scoring >= mated_score}`` (meaningful
+        for mated probes only); its highest score over the whole gallery.
+    """
+    s, p, g = _check_identification(scores, probe_labels, gallery_labels)
+    n_probe, n_gallery = s.shape
+    mated = np.isin(p, g)
+    mated_score = np.full(n_probe, -np.inf)
+    rank = np.zeros(n_probe, dtype=np.int64)
+    top_score = np.empty(n_probe)
+    step = max(1, _BLOCK_CELLS // n_gallery)
+    for a in range(0, n_probe, step):
+        block = s[a : a + step]
+        same = p[a : a + step, None] == g[None, :]
+        best = np.where(same, block, -np.inf).max(axis=1)
+        # A tie between the best mated entry and another label's entry counts against the probe.
+        beaten = np.count_nonzero((block >= best[:, None]) & ~same, axis=1)
+        mated_score[a : a + step] = best
+        rank[a : a + step] = 1 + beaten
+        top_score[a : a + step] = block.max(axis=1)
+    return mated, mated_score, rank, top_score
+
+
+def _check_positive_ints(name: str, values: Sequence[int]) -> list[int]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}: expected positive integers, got {v!r}")
+        out.append(int(v))
+    if not out:
+        raise ValueError(f"{name}: expected at least one value, got none")
+    return out
+
+
+def cmc(
+    scores: np.ndarray,
+    probe_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+) -> dict[int, float]:
+    """Closed-set cumulative match characteristic (identification rate at rank r).
+
+    Only the mated probes (whose label occurs in ``gallery_labels``) count. A probe's rank is that of
+    its first correct gallery entry, i.e. of its best-scoring entry of its own label; ties are
+    **pessimistic**: every entry of another label that scores at least as high as that entry ranks
+    before it, so ``rank = 1 + #{other-label entries with score >= best mated score}``. (insightface's
+    ``evaluation_1N`` breaks ties by ``argsort`` order instead; the two agree whenever the scores are
+    distinct, as they are for real embeddings.) Several gallery entries may share a label.
+
+    Args:
+        scores: float ``(n_probe, n_gallery)`` similarities, higher = more alike (e.g. cosine).
+        probe_labels: ``[n_probe]`` integer identity labels.
+        gallery_labels: ``[n_gallery]`` integer identity labels.
+        ranks: the ranks r >= 1 to report.
+
+    Returns:
+        ``{r: fraction of mated probes whose rank is <= r}`` (fractions in [0, 1]).
+
+    Raises:
+        ValueError: on mismatched shapes, non-finite scores, ranks that are not positive integers, or
+            when no probe is mated.
+    """
+    rs = _check_positive_ints("ranks", ranks)
+    mated, _, rank, _ = _identification_stats(scores, probe_labels, gallery_labels)
+    if not mated.any():
+        raise ValueError(
+            f"probe_labels: none of the {mated.shape[0]} probes has its label in gallery_labels; "
+            "the CMC needs at least one mated probe"
+        )
+    r = rank[mated]
+    return {k: float(np.count_nonzero(r <= k)) / r.shape[0] for k in rs}
+
+
+def tpir_at_fpir(
+    scores: np.ndarray,
+    probe_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    fpirs: Sequence[float] = DEFAULT_FPIRS,
+    rank: int = 1,
+) -> dict[float, float]:
+    """Open-set identification: true positive identification rate at each false positive identification rate.
+
+    A probe is mated when its label occurs in ``gallery_labels``, non-mated otherwise. The convention is
+    insightface's IJB 1:N evaluation (``recognition/_evaluation_/ijb/ijb_evals.py``, ``evaluation_1N``),
+    reproduced exactly so that the numbers are comparable with its tables:
+
+    * each non-mated probe contributes its highest gallery score; with these ``n`` scores sorted in
+      decreasing order, the threshold for a target ``f`` is the element at position
+      ``max(int(n * f) - 1, 0)`` (0-based), i.e. the ``floor(n f)``-th highest;
+    * a mated probe is a true positive when its correct gallery entry is within ``rank`` (pessimistic
+      ties, as in :func:`cmc`; for ``rank=1`` this is insightface's ``pos_sim > max(neg_sims)``) **and**
+      its score is strictly greater than the threshold (insightface's ``pos_sims > thresh``);
+    * TPIR = true positives / number of mated probes.
+
+    insightface assumes one gallery entry per identity (IJB's galleries have one template each); when
+    several entries share the probe's label, the best-scoring one is the probe's mated score.
+
+    Because of the strict comparison, at most ``max(floor(n f) - 1, 0)`` non-mated probes score above
+    the threshold, so the realised FPIR never exceeds ``f`` (a ``>=`` rule would admit ``floor(n f)``);
+    a target below ``1 / n`` uses the highest non-mated score, at which no non-mated probe is
+    accepted.
+
+    Args:
+        scores: float ``(n_probe, n_gallery)`` similarities, higher = more alike (e.g. cosine).
+        probe_labels: ``[n_probe]`` integer identity labels.
+        gallery_labels: ``[n_gallery]`` integer identity labels.
+        fpirs: target false positive identification rates, fractions in (0, 1].
+        rank: the rank within which the correct entry must be found (>= 1; 1 is the usual TPIR).
+
+    Returns:
+        ``{fpir: tpir}`` for each target (TPIR as a fraction in [0, 1]).
+
+    Raises:
+        ValueError: on mismatched shapes, non-finite scores, a target outside (0, 1], ``rank < 1``, or
+            when there is no mated or no non-mated probe.
+    """
+    (rank_,) = _check_positive_ints("rank", [rank])
+    targets = [float(f) for f in fpirs]
+    for f in targets:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"fpirs: expected false positive identification rates in (0, 1], got {f}")
+    mated, mated_score, probe_rank, top_score = _identification_stats(scores, probe_labels, gallery_labels)
+    n_mated = int(np.count_nonzero(mated))
+    n_non = mated.shape[0] - n_mated
+    if n_mated == 0 or n_non == 0:
+        raise ValueError(
+            f"probe_labels: open-set identification needs mated and non-mated probes, got {n_mated} mated "
+            f"and {n_non} non-mated (label absent from gallery_labels)"
+        )
+    non_top = np.sort(top_score[~mated])[::-1]
+    found = mated_score[mated][probe_rank[mated] <= rank_]
+    out: dict[float, float] = {}
+    for f in targets:
+        threshold = non_top[max(int(n_non * f) - 1, 0)]
+        out[f] = float(np.count_nonzero(found > threshold)) / n_mated
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Retrieval: Recall@K, MAP@R, R-precision on exact cosine nearest neighbours
+# ----------------------------------------------------------------------------------------------------
+
+DEFAULT_RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
+
+# Cells of a (query chunk x reference) similarity block: 2^22 float32 = 16 MB (+ 32 MB of partition indices).
+_KNN_BLOCK_CELLS = 1 << 22
+
+
+def _normalized_embeddings(name: str, emb: np.ndarray) -> np.ndarray:
+    """float32 copy of a (n, d) embedding array with every row scaled to unit L2 norm."""
+    x = np.asarray(emb)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty (n, dim) array, got shape {x.shape}")
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ValueError(f"{name}: expected finite values, got {x[tuple(bad)]} at (row, column) {tuple(bad)}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # As torch.nn.functional.normalize: a zero row stays zero (cosine 0 with everything).
+    return x / np.maximum(norms, np.float32(1e-12))
+
+
+def _check_same_set(query: np.ndarray, ref: np.ndarray, same_set: bool) -> None:
+    if same_set and (ref.shape[0] < query.shape[0] or not np.array_equal(query, ref[: query.shape[0]])):
+        raise ValueError(
+            f"same_set: the first {query.shape[0]} reference rows must be the query rows (query i is "
+            f"reference i, excluded from its own neighbours); got query {query.shape} and reference "
+            f"{ref.shape} that differ"
+        )
+
+
+def _iter_knn(
+    query: np.ndarray, ref: np.ndarray, k: int, same_set: bool, chunk_size: int | None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(start, indices, similarities)`` for consecutive chunks of queries (normalised float32 inputs).
+
+    Exact top-``k`` by cosine similarity, ties broken by the lower reference index; with ``same_set``
+    query ``i`` never returns reference ``i``.
+    """
+    n_q, n_ref = query.shape[0], ref.shape[0]
+    step = chunk_size if chunk_size is not None else max(1, _KNN_BLOCK_CELLS // n_ref)
+    for a in range(0, n_q, step):
+        b = min(a + step, n_q)
+        sim = query[a:b] @ ref.T
+        if same_set:
+            sim[np.arange(b - a), np.arange(a, b)] = -np.inf  # by index: a duplicate image still counts
+        if k < n_ref:
+            top = np.argpartition(sim, n_ref - k, axis=1)[:, n_ref - k :]  # the k largest, unordered
+        else:
+            top = np.broadcast_to(np.arange(n_ref), sim.shape).copy()
+        vals = np.take_along_axis(sim, top, axis=1)
+        if k < n_ref:
+            # argpartition picks arbitrary members of a tie group that straddles the k-th place; redo those
+            # rows so that the lowest indices of the group are the ones kept.
+            kth = vals.min(axis=1)
+            straddle = np.flatnonzero(np.count_nonzero(sim >= kth[:, None], axis=1) > k)
+            for r in straddle:
+                above = np.flatnonzero(sim[r] > kth[r])
+                tied = np.flatnonzero(sim[r] == kth[r])[: k - above.shape[0]]
+                top[r] = np.concatenate([above, tied])
+                vals[r] = sim[r, top[r]]
+        order = np.lexsort((top, -vals), axis=1)  # similarity descending, then index ascending
+        yield a, np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def _resolve_reference(
+    query_emb: np.ndarray,
+    ref_emb: np.ndarray | None,
+    same_set: bool,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    query = _normalized_embeddings("query_emb", query_emb)
+    if ref_emb is None:
+        return query, query, True
+    ref = _normalized_embeddings("ref_emb", ref_emb)
+    if ref.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"ref_emb: expected embeddings of dimension {query.shape[1]} like query_emb, got {ref.shape[1]}"
+        )
+    _check_same_set(query, ref, same_set)
+    return query, ref, same_set
+
+
+def nearest_neighbors(
+    query_emb: np.ndarray,
+    ref_emb: np.ndarray | None,
+    k: int,
+    same_set: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest references of every query by cosine similarity, computed in chunks of queries.
+
+    Both sets are L2-normalised (float32) and compared by dot product, one chunk of queries against all
+    references at a time, so memory is O(chunk x n_ref), never O(n_query x n_ref). Neighbours are sorted
+    by decreasing similarity; equal similarities are ordered by increasing reference index (also at the
+    k-th place: of a tie group that does not fit, the lowest indices are kept), so the result is
+    deterministic.
+
+    Args:
+        query_emb: ``(n_query, d)`` embeddings (any scale; normalised here).
+        ref_emb: ``(n_ref, d)`` embeddings, or ``None`` for the query set itself (implies ``same_set``).
+        k: neighbours per query; clamped to the number of references available.
+        same_set: query ``i`` is reference ``i`` (the first ``n_query`` reference rows are the queries,
+            as pytorch-metric-learning's ``ref_includes_query``); it is excluded by index.
+        chunk_size: queries per block; default so that a block holds about 4M similarities.
+
+    Returns:
+        ``(indices, similarities)``: int64 and float32 arrays of shape ``(n_query, k')`` with
+        ``k' = min(k, n_ref - same_set)``.
+
+    Raises:
+        ValueError: on bad shapes or values, ``k < 1``, or no reference left to return.
+    """
+    (k_,) = _check_positive_ints("k", [k])
+    query, ref, same = _resolve_reference(query_emb, ref_emb, same_set)
+    if chunk_size is not None:
+        (chunk_size,) = _check_positive_ints("chunk_size", [chunk_size])
+    available = ref.shape[0] - int(same)
+    if available < 1:
+        raise ValueError("ref_emb: no reference left once each query's own row is excluded")
+    k_eff = min(k_, available)
+    idx = np.empty((query.shape[0], k_eff), dtype=np.int64)
+    sims = np.empty((query.shape[0], k_eff), dtype=np.float32)
+    for a, top, vals in _iter_knn(query, ref, k_eff, same, chunk_size):
+        idx[a : a + top.shape[0]] = top
+        sims[a : a + top.shape[0]] = vals
+    return idx, sims
+
+
+def retrieval_metrics(
+    query_emb: np.ndarray,
+    ref_emb: np.ndarray | None,
+    query_labels: np.ndarray,
+    ref_labels: np.ndarray | None,
+    ks: Sequence[int] = DEFAULT_RECALL_KS,
+    same_set: bool = False,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Recall@K, MAP@R and R-precision from one exact nearest-neighbour search.
+
+    Definitions are pytorch-metric-learning's ``AccuracyCalculator`` (``precision_at_1``,
+    ``mean_average_precision_at_r``, ``r_precision``; no average of per-class averages):
+
+    * a reference is *relevant* to a query when their labels are equal; ``R`` is the number of relevant
+      references, less the query itself with ``same_set``;
+    * queries with ``R = 0`` (their label has no other reference) are left out of every metric, as
+      pytorch-metric-learning leaves out its "lone" queries;
+    * Recall@K: fraction of queries with at least one relevant reference among their K nearest (the
+      usual deep-metric-learning Recall@K; Recall@1 equals ``precision_at_1``); K beyond the number of
+      references counts every reference;
+    * R-precision: relevant references among the R nearest, divided by R;
+    * MAP@R: ``1/R * sum_{i <= R} P(i) rel(i)`` with ``P(i)`` the precision of the i nearest and
+      ``rel(i)`` 1 when the i-th nearest is relevant.
+
+    Neighbours come from :func:`nearest_neighbors` (cosine on L2-normalised float32 embeddings, chunked
+    over the queries, ties ordered by reference index).
+
+    Args:
+        query_emb: ``(n_query, d)`` embeddings.
+        ref_emb: ``(n_ref, d)`` embeddings, or ``None`` for the query set itself (implies ``same_set``).
+        query_labels: ``[n_query]`` class labels.
+        ref_labels: ``[n_ref]`` class labels (``None`` with ``ref_emb=None``).
+        ks: the K of Recall@K (positive integers).
+        same_set: query ``i`` is reference ``i`` (pytorch-metric-learning's ``ref_includes_query``); it
+            is never its own neighbour and does not count in its own R.
+        chunk_size: queries per block of the neighbour search (default: about 4M similarities).
+
+    Returns:
+        ``{"recall@K": ..., "map@r": ..., "r_precision": ...}``, fractions in [0, 1].
+
+    Raises:
+        ValueError: on mismatched shapes, bad values, or when no query has a relevant reference.
+    """
+    k_list = _check_positive_ints("ks", ks)
+    query, ref, same = _resolve_reference(query_emb, ref_emb, same_set)
+    q_lab = np.asarray(query_labels)
+    r_lab = q_lab if ref_emb is None and ref_labels is None else np.asarray(ref_labels)
+    if q_lab.ndim != 1 or q_lab.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"query_labels: expected shape ({query.shape[0]},) like query_emb, got {q_lab.shape}"
+        )
+    if r_lab.ndim != 1 or r_lab.shape[0] != ref.shape[0]:
+        raise ValueError(f"ref_labels: expected shape ({ref.shape[0]},) like ref_emb, got {r_lab.shape}")
+    if same and not np.array_equal(q_lab, r_lab[: q_lab.shape[0]]):
+        raise ValueError("same_set: the first n_query reference labels must equal query_labels")
+    if chunk_size is not None:
+        (chunk_size,) = _check_positive_ints("chunk_size", [chunk_size])
+
+    _, codes = np.unique(np.concatenate([q_lab, r_lab]), return_inverse=True)
+    q_code, r_code = codes[: q_lab.shape[0]], codes[q_lab.shape[0] :]
+    r_count = np.bincount(r_code, minlength=int(codes.max()) + 1)
+    relevant_total = r_count[q_code] - int(same)
+    scored = relevant_total > 0
+    if not scored.any():
+        raise ValueError(
+            f"query_labels: none of the {q_lab.shape[0]} queries has a relevant reference (same label, "
+            "not itself); the retrieval metrics are undefined"
+        )
+    available = ref.shape[0] - int(same)
+    k_eff = min(max(max(k_list), int(relevant_total.max())), available)
+
+    hit_rank = np.full(q_lab.shape[0], np.iinfo(np.int64).max)  # 0-based rank of the first relevant
+    ap = np.zeros(q_lab.shape[0])
+    rp = np.zeros(q_lab.shape[0])
+    positions = np.arange(1, k_eff + 1)
+    for a, top, _ in _iter_knn(query, ref, k_eff, same, chunk_size):
+        b = a + top.shape[0]
+        rel = r_code[top] == q_code[a:b, None]
+        in_r = positions[None, :] <= relevant_total[a:b, None]
+        first = np.argmax(rel, axis=1)
+        hit_rank[a:b] = np.where(rel.any(axis=1), first, hit_rank[a:b])
+        rel_r = rel & in_r
+        precision = np.cumsum(rel_r, axis=1) / positions
+        denom = np.maximum(relevant_total[a:b], 1)
+        ap[a:b] = np.sum(precision * rel_r, axis=1) / denom
+        rp[a:b] = np.count_nonzero(rel_r, axis=1) / denom
+
+    n = int(np.count_nonzero(scored))
+    out = {f"recall@{k}": float(np.count_nonzero(hit_rank[scored] < k)) / n for k in k_list}
+    out["map@r"] = float(np.mean(ap[scored]))
+    out["r_precision"] = float(np.mean(rp[scored]))
+    return out
+
+
+def recall_at_k(
+    query_emb: np.ndarray,
+    ref_emb: np.ndarray | None,
+    query_labels: np.ndarray,
+    ref_labels: np.ndarray | None,
+    ks: Sequence[int] = DEFAULT_RECALL_KS,
+    same_set: bool = False,
+    chunk_size: int | None = None,
+) -> dict[int, float]:
+    """Recall@K: fraction of queries with a relevant reference among their K nearest.
+
+    Arguments and conventions as :func:`retrieval_metrics`.
+
+    Returns:
+        ``{K: recall}`` (fractions in [0, 1]).
+    """
+    m = retrieval_metrics(query_emb, ref_emb, query_labels, ref_labels, ks, same_set, chunk_size)
+    return {int(k): m[f"recall@{int(k)}"] for k in ks}
+
+
+def map_at_r(
+    query_emb: np.ndarray,
+    ref_emb: np.ndarray | None,
+    query_labels: np.ndarray,
+    ref_labels: np.ndarray | None,
+    same_set: bool = False,
+    chunk_size: int | None = None,
+) -> float:
+    """MAP@R (pytorch-metric-learning's ``mean_average_precision_at_r``); see :func:`retrieval_metrics`."""
+    return retrieval_metrics(query_emb, ref_emb, query_labels, ref_labels, (1,), same_set, chunk_size)[
+        "map@r"
+    ]
+
+
+def r_precision(
+    query_emb: np.ndarray,
+    ref_emb: np.ndarray | None,
+    query_labels: np.ndarray,
+    ref_labels: np.ndarray | None,
+    same_set: bool = False,
+    chunk_size: int | None = None,
+) -> float:
+    """R-precision (pytorch-metric-learning's ``r_precision``); see :func:`retrieval_metrics`."""
+    m = retrieval_metrics(query_emb, ref_emb, query_labels, ref_labels, (1,), same_set, chunk_size)
+    return m["r_precision"]
