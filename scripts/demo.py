@@ -2,11 +2,13 @@
 
     python scripts/demo.py [--root data/synthetic] [--nproc 2] [overrides ...]
 
-1. writes the demo-scale synthetic set under --root unless it is already there (about 80 s);
+1. writes the demo-scale synthetic set under --root unless that version of it is already there
+   (2,000 identities x 20 images, calfw/cplfw bins, IJB-C-like and CUB-like sets: about 2 minutes);
 2. runs `torchrun --standalone --nproc_per_node=2 scripts/train.py` with the default preset
    (synthetic_demo) into work_dirs/synthetic_demo, which is emptied first (it is the demo's own folder);
    the run evaluates the synthetic calfw/cplfw pairs at initialisation, during and after training;
-3. prints a summary: accuracy at initialisation and after training, time taken, where the files are.
+3. exports model.pt to model.onnx (checked against torch with onnxruntime) and prints a summary:
+   accuracy at initialisation and after training, time taken, where the files are.
 Extra arguments are passed to train.py as dotted overrides (e.g. schedule.epochs=1 for a shorter run).
 """
 
@@ -23,6 +25,8 @@ from pathlib import Path
 
 from facems.config import load_config
 from facems.data.synthetic_release import RELEASE_VERSION, write_synthetic_root
+from facems.export.onnx import export_onnx
+from facems.models import open_backbone
 
 TARGET = ("cplfw", 0.90)
 
@@ -82,13 +86,21 @@ def main() -> int:
             f"{last['eval'][name]['accuracy']:.4f} (step {last['step']}) | {best:.4f} |"
         )
     rate = sum(r["images_per_s"] for r in train) / max(1, len(train))
+    t2 = time.perf_counter()
+    model, network, _ = open_backbone(run_dir / "model.pt", cfg.model.name, cfg.model.num_features)
+    report = export_onnx(model, str(run_dir / "model.onnx"), network)
+    print(
+        f"\nONNX: {report.path} (opset {report.opset}, dynamic batch), onnxruntime vs torch max abs diff "
+        f"{max(report.max_abs_diff.values()):.2g} (relative {report.relative_error:.1g}), "
+        f"{time.perf_counter() - t2:.0f} s"
+    )
     total = time.perf_counter() - t0
     print(
         f"\ntrained {train[-1]['step']} steps ({train[-1]['images']} images) on {args.nproc} processes, "
         f"mean {rate:.1f} img/s; data {t_data:.0f} s, training + evaluation {t_train:.0f} s, total {total:.0f} s"
     )
     print(
-        f"artefacts: {run_dir}/ (model.pt, model_best.pt, checkpoint_last.pt, metrics.jsonl, train.log, tb/)"
+        f"artefacts: {run_dir}/ (model.pt, model.onnx, model_best.pt, checkpoint_last.pt, metrics.jsonl, train.log, tb/)"
     )
     name, goal = TARGET
     reached = last["eval"].get(name, {}).get("accuracy", 0.0)
