@@ -119,6 +119,15 @@ def test_fp16_variant(tmp_path: Path) -> None:
     assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 out
     assert report.metadata["weights"] == "fp16"
     assert 0 < report.relative_error <= fx.TOLERANCE["fp16"]
+    from insightface.model_zoo import ArcFaceONNX, get_model
+
+    rec = get_model(str(tmp_path / "tiny16.onnx"), providers=["CPUExecutionProvider"])
+    assert isinstance(rec, ArcFaceONNX)
+    face = SyntheticFaces(num_identities=1, images_per_identity=1, seed=7)[0][0]
+    with torch.inference_mode():
+        ref = model(normalize_faces(torch.from_numpy(face).permute(2, 0, 1)[None])).numpy()
+    feat = rec.get_feat(cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
+    assert np.abs(feat - ref).max() <= fx.TOLERANCE["fp16"] * np.abs(ref).max()
 
 
 def test_parity_failure_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
