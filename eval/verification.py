@@ -41,17 +41,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(
-    path: str, model_name: str | None, num_features: int | None, device: torch.device
-) -> torch.nn.Module:
-    """The backbone in ``path`` (weights or ``.onnx``) on ``device``; exits with a message when it does not load."""
-    try:
-        model = load_backbone(path, model_name, num_features)
-    except WeightsError as e:
-        raise SystemExit(f"error: {e}") from None
-    return model.to(device).eval()
-
-
 def format_table(target: str, r: PairResult) -> str:
     """A markdown table of one target's result, accuracies in % as insightface prints them."""
     tar = r.tar_at_far_1e3
@@ -75,7 +64,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: missing pair files: {', '.join(missing)}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(args.model, args.model_name, args.num_features, device)
+    try:
+        model = load_backbone(args.model, args.model_name, args.num_features).to(device).eval()
+    except WeightsError as e:
+        raise SystemExit(f"error: {e}") from None
     results: dict[str, PairResult] = {}
     for target, path in paths.items():
         results[target] = verify_bin(
