@@ -5,7 +5,7 @@ r"""IJB-C / IJB-B evaluation: 1:1 TAR@FAR and 1:N identification, at parity with
         [--no-use-flip-test] [--no-use-norm-score] [--no-use-detector-score]
 
 Writes under RESULT_DIR/JOB: <target>.npy (pair scores in pair-file order), <target>.json and the ROC
-points <target>_roc.csv (plus .png and .pdf when matplotlib is installed). The raw embeddings (image and
+points <target>_roc.csv with the curve in <target>_roc.png and .pdf. The raw embeddings (image and
 mirror) are cached in RESULT_DIR/<target>_features_<fingerprint>.npz, keyed by the model file and the
 image list: a rerun with other switches reads them and runs no network.
 """

@@ -87,7 +87,13 @@ def test_cli_prints_tables_and_writes_scores_json_and_roc(first_run: dict[str, A
     caches = list(results.glob("ijbc_features_*.npz"))
     assert len(caches) == 1
     run = results / "run1"
-    assert {p.name for p in run.iterdir()} >= {"ijbc.npy", "ijbc.json", "ijbc_roc.csv"}
+    assert {p.name for p in run.iterdir()} >= {
+        "ijbc.npy",
+        "ijbc.json",
+        "ijbc_roc.csv",
+        "ijbc_roc.png",
+        "ijbc_roc.pdf",
+    }
     payload = json.loads((run / "ijbc.json").read_text())
     assert payload["features_from_cache"] is False and payload["test_mode"] == "N1D1F1"
     assert payload["counts"]["images"] == counts["faces"] and payload["counts"]["pairs"] == counts["pairs"]

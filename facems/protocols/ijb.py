@@ -1238,18 +1238,16 @@ def load_feature_cache(path: PathLike, fingerprint: str) -> tuple[np.ndarray, np
 
 
 def write_roc(prefix: PathLike, readout: TarReadout, label: str) -> list[str]:
-    """Write the ROC points to ``prefix.csv`` and, when matplotlib is installed, ``prefix.png`` and ``.pdf``
+    """Write the ROC points to ``prefix.csv`` and the curve to ``prefix.png`` and ``prefix.pdf``
     (insightface's axes: log FPR from 1e-6 to 1e-1, TPR from 0.3 to 1). Returns the files written."""
+    from matplotlib.figure import Figure
+
     base = os.fspath(prefix)
     written = [base + ".csv"]
     with atomic_write(written[0], "w") as f:
         f.write("fpr,tpr,threshold\n")
         for a, b, c in zip(readout.fpr, readout.tpr, readout.thresholds):
             f.write(f"{a:.10g},{b:.10g},{c:.10g}\n")
-    try:
-        from matplotlib.figure import Figure  # optional: not a facems dependency
-    except ImportError:
-        return written
     fig = Figure()  # no pyplot: leaves the caller's backend and figures alone
     ax = fig.add_subplot()
     ax.plot(readout.fpr, readout.tpr, lw=1, label=label)

@@ -550,7 +550,9 @@ def test_write_roc_csv_and_tables(tmp_path: Path) -> None:
     scores = np.r_[np.linspace(0.3, 0.9, 20), np.linspace(-0.5, 0.5, 200)]
     readout = ijb.tar_at_far_readout(labels, scores)
     files = ijb.write_roc(tmp_path / "ijbc_roc", readout, "test")
-    assert files[0].endswith("ijbc_roc.csv")
+    assert [Path(f).name for f in files] == ["ijbc_roc.csv", "ijbc_roc.png", "ijbc_roc.pdf"]
+    assert Path(files[1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(files[2]).read_bytes()[:5] == b"%PDF-"
     rows = np.loadtxt(files[0], delimiter=",", skiprows=1)
     np.testing.assert_allclose(rows[:, 0], readout.fpr, rtol=1e-9)
     np.testing.assert_allclose(rows[:, 1], readout.tpr, rtol=1e-9)
