@@ -7,8 +7,9 @@
 2. runs `torchrun --standalone --nproc_per_node=2 scripts/train.py` with the default preset
    (synthetic_demo) into work_dirs/synthetic_demo, which is emptied first (it is the demo's own folder);
    the run evaluates the synthetic calfw/cplfw pairs at initialisation, during and after training;
-3. exports model.pt to model.onnx (checked against torch with onnxruntime) and prints a summary:
-   accuracy at initialisation and after training, time taken, where the files are.
+3. exports model.pt to model.onnx (checked against torch with onnxruntime), runs eval/ijbc.py on the
+   IJB-C-like release (1:1 TAR@FAR, 1:N) and prints a summary: accuracy at initialisation and after
+   training, time taken, where the files are.
 Extra arguments are passed to train.py as dotted overrides (e.g. schedule.epochs=1 for a shorter run).
 """
 
@@ -94,13 +95,21 @@ def main() -> int:
         f"{max(report.max_abs_diff.values()):.2g} (relative {report.relative_error:.1g}), "
         f"{time.perf_counter() - t2:.0f} s"
     )
+    t3 = time.perf_counter()
+    ijbc = [sys.executable, str(here.parent / "eval" / "ijbc.py"), "--model", str(run_dir / "model.pt")]
+    ijbc += ["--image-path", str(root / "IJBC"), "--result-dir", str(run_dir / "ijbc"), "--job", "demo"]
+    ijbc += ["--model-name", cfg.model.name, "--num-features", str(cfg.model.num_features)]
+    print(f"\n[demo] IJB-C-like evaluation: {' '.join(ijbc[1:])}", flush=True)
+    if subprocess.call(ijbc, env=env) != 0:
+        print("[demo] the IJB-C-like evaluation failed (see above)", file=sys.stderr)
+    print(f"[demo] IJB-C-like evaluation: {time.perf_counter() - t3:.0f} s", flush=True)
     total = time.perf_counter() - t0
     print(
         f"\ntrained {train[-1]['step']} steps ({train[-1]['images']} images) on {args.nproc} processes, "
         f"mean {rate:.1f} img/s; data {t_data:.0f} s, training + evaluation {t_train:.0f} s, total {total:.0f} s"
     )
     print(
-        f"artefacts: {run_dir}/ (model.pt, model.onnx, model_best.pt, checkpoint_last.pt, metrics.jsonl, train.log, tb/)"
+        f"artefacts: {run_dir}/ (model.pt, model.onnx, ijbc/, model_best.pt, checkpoint_last.pt, metrics.jsonl, train.log, tb/)"
     )
     name, goal = TARGET
     reached = last["eval"].get(name, {}).get("accuracy", 0.0)
