@@ -13,7 +13,6 @@ image list: a rerun with other switches reads them and runs no network.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from facems.embed import PRECISIONS
+from facems.fileio import write_json
 from facems.models import WeightsError, list_models, load_backbone
 from facems.protocols import ijb
 
@@ -125,8 +125,7 @@ def main(args: argparse.Namespace) -> int:
         "count_warnings": ijb.check_counts(counts, args.target),
         "total_seconds": time.perf_counter() - start,
     }
-    with open(stem + ".json", "w") as f:
-        json.dump(payload, f, indent=2)
+    write_json(stem + ".json", payload)
     written.append(stem + ".json")
     print("wrote " + ", ".join(written))
     return 0

@@ -15,13 +15,12 @@ writes the result. The layouts and splits are described in facems/protocols/retr
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import torch
 
 from facems.embed import PRECISIONS
+from facems.fileio import write_json
 from facems.models import WeightsError, list_models, load_backbone
 from facems.protocols.retrieval import (
     DATASETS,
@@ -113,9 +112,7 @@ def main(args: argparse.Namespace) -> int:
             "precision": args.precision,
             "result": result.to_dict(),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

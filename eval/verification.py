@@ -12,13 +12,13 @@ unless ``--model-name`` is given) or an exported ``.onnx`` file (run by onnxrunt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 from facems.embed import PRECISIONS
+from facems.fileio import write_json
 from facems.models import WeightsError, list_models, load_backbone
 from facems.protocols.pairs import PairResult, verify_bin
 
@@ -90,9 +90,7 @@ def main(args: argparse.Namespace) -> int:
             "nfolds": args.nfolds,
             "results": {t: r.to_dict() for t, r in results.items()},
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Union
 
-__all__ = ["atomic_write", "fsync_dir", "temp_path"]
+__all__ = ["atomic_write", "fsync_dir", "temp_path", "write_json"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -52,3 +52,13 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) 
             tmp.unlink()
         raise
     fsync_dir(target.parent)
+
+
+def write_json(path: PathLike, payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically, creating the folder if needed."""
+    import json
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from facems.data.datasets import RecordFaceDataset, collate_faces
-from facems.data.loader import build_face_loader
+from facems.data.loader import FaceLoader, build_face_loader
 from facems.data.recordio import unpack
 from facems.data.samplers import DistributedPKSampler
 from facems.data.synthetic import SyntheticFaces
@@ -148,11 +148,13 @@ def main() -> None:
         runs += [
             ("floor: w processes at once", w, partial(in_processes, floor_of, w)) for w in args.workers[1:]
         ]
+        rings: list[tuple[str, int, FaceLoader]] = []
         for name, data, smp in zip(NAMES, (ds, ds, tv), samplers[:1] * 2 + samplers[1:]):
             for w in args.workers:
                 if smp.steps_per_epoch <= 2 * w + 2:
                     raise SystemExit(f"{smp.steps_per_epoch} steps per epoch: too few to warm up {w} workers")
                 loader = make_loader(name, data, smp, w)
+                rings += [(name, w, loader)] if isinstance(loader, FaceLoader) else []
                 runs.append((name, w, partial(measure, partial(loader_epoch, loader), warmup=2 * w + 1)))
         best, ratios = np.zeros(len(runs)), np.zeros((args.repeats, len(runs)))
         for r in range(args.repeats):  # runs[0] first: each round's rates are relative to its own floor
@@ -164,10 +166,10 @@ def main() -> None:
         print(f"|{'-' * 32}|---------|-----------------|------------|-------------------------------|")
         for (name, w, _), per, ratio in zip(runs, best, np.median(ratios, axis=0)):
             print(f"| {name:<30} | {w:>7} | {per * w:>15.0f} | {per:>10.0f} | {ratio:>29.1%} |")
-        for name, w, rate in runs:
-            ring = getattr(rate.args[0].args[0], "ring", None) if name == NAMES[0] else None
-            if ring is not None:
-                print(f"{name}, {w} workers: {ring.num_slots} reused buffers, {ring.fallback_batches} fresh")
+        for name, w, loader in rings:  # build_face_loader's reused buffers (made at the first epoch)
+            ring = loader.ring
+            assert ring is not None  # every loader ran at least one epoch above
+            print(f"{name}, {w} workers: {ring.num_slots} reused buffers, {ring.fallback_batches} fresh")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import sys
 
 from facems.export.onnx import FP16_NOTE, ExportError, export_onnx
+from facems.fileio import write_json
 from facems.models import WeightsError, list_models, open_backbone
 
 
@@ -85,8 +86,7 @@ def main(args: argparse.Namespace) -> int:
     if args.fp16:
         print(f"note: {FP16_NOTE}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**report.__dict__, "relative_error": report.relative_error}, f, indent=2)
+        write_json(args.json, {**report.__dict__, "relative_error": report.relative_error})
     return 0
 
 

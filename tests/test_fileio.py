@@ -27,3 +27,17 @@ def test_failure_inside_block_keeps_old_content(tmp_path: Path) -> None:
         raise OSError("disk full")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_write_json_creates_folders_and_keeps_old_content_on_failure(tmp_path: Path) -> None:
+    import json
+
+    from facems.fileio import write_json
+
+    target = tmp_path / "a" / "b" / "result.json"
+    write_json(target, {"x": [1, 2]})
+    assert json.loads(target.read_text()) == {"x": [1, 2]}
+    with pytest.raises(TypeError):
+        write_json(target, {"x": object()})  # not serialisable: fails part-way through
+    assert json.loads(target.read_text()) == {"x": [1, 2]}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
