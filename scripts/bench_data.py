@@ -11,7 +11,7 @@ Methods, all on the same P x K identity plan (DistributedPKSampler, one rank; pi
   torchvision  ImageFolder + PIL + ToTensor (float batches) on the pack's JPEGs exported byte for byte
 Without --root, a pack of synthetic faces (q95 JPEGs) is written to a temporary folder. Every file is
 read once first: the page cache is warm, this measures decode and transport, not the disk. In each
-epoch the first 2 * w + 1 batches (the prefetch; 1 for the floor) are not timed. All methods run in
+epoch the first prefetch * w + 1 batches (those in flight; 1 for the floor) are not timed. All methods run in
 --repeats rounds; each round measures the 1-process floor first. A shared machine's speed drifts by
 +-20% within minutes, so the table shows the best round's rate and, as the figure to quote, the median
 over rounds of (rate per worker) / (that round's floor).
@@ -94,12 +94,15 @@ def in_processes(make_epoch: Callable[[int], Iterator[int]], n: int, seconds: fl
     return total
 
 
-def make_loader(method: str, data: Any, sampler: DistributedPKSampler, workers: int) -> DataLoader:
+def make_loader(
+    method: str, data: Any, sampler: DistributedPKSampler, workers: int, prefetch: int
+) -> DataLoader:
     """The loader of ``method`` (one of NAMES) with ``workers`` worker processes."""
     if method == NAMES[0]:
-        return build_face_loader(data, sampler, num_workers=workers)
+        return build_face_loader(data, sampler, num_workers=workers, prefetch_factor=prefetch)
     collate = collate_faces if method == NAMES[1] else None
     kw: dict[str, Any] = {"num_workers": workers, "persistent_workers": True, "collate_fn": collate}
+    kw["prefetch_factor"] = prefetch
     return DataLoader(data, sampler.batch_size, sampler=sampler, **kw)
 
 
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="workers, 1 first (1 2)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement (3)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds over all methods (5)")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches in flight per worker (2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.workers[0] != 1 or min(args.workers) < 1:
@@ -140,7 +144,7 @@ def main() -> None:
         samplers = [DistributedPKSampler(y, args.p, args.k, 1, 0, args.seed) for y in (ds.labels, tv.targets)]
         print(
             f"{len(ds)} images, {ds.num_classes} identities, mean JPEG {jpeg_bytes / len(ds) / 1024:.1f} KiB, "
-            f"batch {args.p}x{args.k}, {samplers[0].steps_per_epoch} steps/epoch, {os.cpu_count()} CPUs, "
+            f"batch {args.p}x{args.k}, prefetch {args.prefetch}, {samplers[0].steps_per_epoch} steps/epoch, {os.cpu_count()} CPUs, "
             f"torch {torch.__version__}, OpenCV {cv2.__version__}; page cache warm (every file read once)"
         )
         floor_of = partial(floor_epoch, ds, samplers[0])
@@ -151,11 +155,13 @@ def main() -> None:
         rings: list[tuple[str, int, FaceLoader]] = []
         for name, data, smp in zip(NAMES, (ds, ds, tv), samplers[:1] * 2 + samplers[1:]):
             for w in args.workers:
-                if smp.steps_per_epoch <= 2 * w + 2:
+                if smp.steps_per_epoch <= args.prefetch * w + 2:
                     raise SystemExit(f"{smp.steps_per_epoch} steps per epoch: too few to warm up {w} workers")
-                loader = make_loader(name, data, smp, w)
+                loader = make_loader(name, data, smp, w, args.prefetch)
                 rings += [(name, w, loader)] if isinstance(loader, FaceLoader) else []
-                runs.append((name, w, partial(measure, partial(loader_epoch, loader), warmup=2 * w + 1)))
+                runs.append(
+                    (name, w, partial(measure, partial(loader_epoch, loader), warmup=args.prefetch * w + 1))
+                )
         best, ratios = np.zeros(len(runs)), np.zeros((args.repeats, len(runs)))
         for r in range(args.repeats):  # runs[0] first: each round's rates are relative to its own floor
             rates = [rate(args.seconds) / w for _, w, rate in runs]

@@ -52,7 +52,7 @@ def main() -> int:
     stamp = root / ".facems-demo-scale"  # what was written, and by which version of the generator
     if _stamp_version(stamp) != RELEASE_VERSION:
         print(f"[demo] writing the demo-scale synthetic set to {root} ...", flush=True)
-        counts = write_synthetic_root(str(root), "demo", seed=0)
+        counts = write_synthetic_root(str(root), "demo", seed=0, workers=os.cpu_count() or 1)
         stamp.write_text(json.dumps(counts) + "\n")
     t_data = time.perf_counter() - t0
     print(f"[demo] data ready in {t_data:.0f} s: {stamp.read_text().strip()}", flush=True)

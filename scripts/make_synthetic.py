@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import cv2
@@ -25,10 +26,18 @@ def main() -> None:
     parser.add_argument("--root", default="data/synthetic", help="output folder")
     parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes rendering the training pack (all CPUs)",
+    )
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     cv2.setNumThreads(1)
     start = time.perf_counter()
-    counts = write_synthetic_root(args.root, args.scale, args.seed)
+    counts = write_synthetic_root(args.root, args.scale, args.seed, workers=args.workers)
     print(
         json.dumps(
             {

@@ -17,7 +17,9 @@ faces, 23,124 templates, 15,658,489 pairs of which 19,557 genuine), for evaluati
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -76,19 +78,62 @@ def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def write_train_pack(root: str, faces: SyntheticFaces, quality: int | None = None) -> None:
+# Worker state of write_train_pack's pool: the face set, set once per worker by the initializer.
+_POOL_FACES: SyntheticFaces | None = None
+_CHUNK = 256  # images per task: large enough that task overhead is negligible
+
+
+def _init_pool(faces: SyntheticFaces) -> None:
+    global _POOL_FACES
+    _POOL_FACES = faces
+
+
+def _encode_range(task: tuple[int, int, int | None]) -> list[tuple[int, bytes]]:
+    """``(label, JPEG)`` of images ``start..stop-1`` of the pool's face set."""
+    start, stop, quality = task
+    faces = _POOL_FACES
+    assert faces is not None, "_encode_range runs only in write_train_pack's pool"
+    return _encode(faces, start, stop, quality)
+
+
+def _encode(faces: SyntheticFaces, start: int, stop: int, quality: int | None) -> list[tuple[int, bytes]]:
+    out = []
+    for i in range(start, stop):
+        img, label, _ = faces[i]
+        out.append((label, _jpeg(img, faces.nuisance(i).jpeg_quality if quality is None else quality)))
+    return out
+
+
+def _encoded_faces(faces: SyntheticFaces, quality: int | None, workers: int) -> Iterator[tuple[int, bytes]]:
+    """``(label, JPEG)`` of every face in index order, rendered by ``workers`` processes."""
+    n = len(faces)
+    tasks = [(a, min(a + _CHUNK, n), quality) for a in range(0, n, _CHUNK)]
+    if workers <= 1 or len(tasks) <= 1:
+        for a, b, q in tasks:
+            yield from _encode(faces, a, b, q)
+        return
+    # Every image is a pure function of (seed, identity, index): the bytes do not depend on workers.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_pool, initargs=(faces,)) as pool:
+        for chunk in pool.imap(_encode_range, tasks):
+            yield from chunk
+
+
+def write_train_pack(root: str, faces: SyntheticFaces, quality: int | None = None, workers: int = 1) -> None:
     """insightface-layout ``train.rec/.idx/property`` holding every face of ``faces`` (labels = its labels).
 
     Each image is JPEG-encoded at ``quality``, or at the quality its nuisance carries when None.
+    ``workers`` processes render and encode (the files are the same for any number).
     """
+    if workers < 1:
+        raise ValueError(f"write_train_pack: workers must be >= 1, got {workers}")
     per, k = faces.images_per_identity, faces.num_identities
     n = len(faces)
     tmp_rec, tmp_idx = os.path.join(root, "train.rec.tmp"), os.path.join(root, "train.idx.tmp")
     with IndexedRecordWriter(tmp_rec, tmp_idx) as w:
         w.write(0, pack(IRHeader(2, np.array([n + 1, n + 1 + k], np.float32), 0, 0), b""))
-        for i in range(n):
-            img, label, _ = faces[i]
-            data = _jpeg(img, faces.nuisance(i).jpeg_quality if quality is None else quality)
+        for i, (label, data) in enumerate(_encoded_faces(faces, quality, workers)):
             w.write(i + 1, pack(IRHeader(0, float(label), i + 1, 0), data))
         for c in range(k):
             a = 1 + c * per
@@ -347,8 +392,12 @@ def write_cub_like(root: str, faces: SyntheticFaces) -> None:
     _write_lines(os.path.join(base, "classes.txt"), names)
 
 
-def write_synthetic_root(root: str, scale: str | Scale = "tiny", seed: int = 0) -> dict[str, int]:
+def write_synthetic_root(
+    root: str, scale: str | Scale = "tiny", seed: int = 0, workers: int = 1
+) -> dict[str, int]:
     """Write every synthetic set of ``scale`` (``SCALES``) under ``root``; returns the counts written.
+
+    ``workers`` processes render the training pack, most of the images (the files do not depend on it).
 
     ``scale`` is a name in ``SCALES`` or a :class:`Scale`. ``scale="full"`` also writes the IJB-C meta files at the real IJB-C size (no images) under
     ``root/IJBC_full``.
@@ -370,7 +419,7 @@ def write_synthetic_root(root: str, scale: str | Scale = "tiny", seed: int = 0) 
         age_scale=TRAIN_AGE_SCALES,
         identity_offset=TRAIN_IDS,
     )
-    write_train_pack(root, train)
+    write_train_pack(root, train, workers=workers)
     pair_ids = 10 * 2 * sc.pairs_per_fold
     calfw = SyntheticFaces(pair_ids, 4, seed, age_scale=4.0, identity_offset=CALFW_IDS)
     write_pair_bin(os.path.join(root, "calfw.bin"), calfw, sc.pairs_per_fold, seed=seed)

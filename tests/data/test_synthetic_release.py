@@ -164,3 +164,18 @@ def test_matched_impostors_are_look_alikes(tmp_path: Path) -> None:
     assert cost["matched"] < 0.7 * cost["random"]
     with pytest.raises(ValueError, match="impostors"):
         write_pair_bin(str(tmp_path / "x.bin"), faces, 5, folds=2, impostors="hard")
+
+
+def test_train_pack_same_bytes_with_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import facems.data.synthetic_release as release
+    from facems.data.synthetic import SyntheticFaces
+
+    monkeypatch.setattr(release, "_CHUNK", 7)  # several chunks, the last one short: order must hold
+    faces = SyntheticFaces(6, 5, seed=3, pose_scale=(1.0, 3.0))
+    for workers in (1, 2):
+        (tmp_path / str(workers)).mkdir()
+        release.write_train_pack(str(tmp_path / str(workers)), faces, workers=workers)
+    for name in ("train.rec", "train.idx", "property"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        release.write_train_pack(str(tmp_path), faces, workers=0)
