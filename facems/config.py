@@ -68,9 +68,11 @@ DEFAULT_PRESET = "synthetic_demo"
 
 LossName = Literal["ms", "contrastive", "triplet", "lifted", "binomial"]
 MarginHead = Literal["arcface", "cosface"]
-OptimName = Literal["sgd", "adamw"]
-ScheduleName = Literal["poly", "cosine", "constant"]
+OptimName = Literal["sgd", "adam", "adamw"]
+ScheduleName = Literal["poly", "cosine", "constant", "step"]
 Precision = Literal["bf16", "fp16", "fp32", "auto"]
+DataKind = Literal["face", "retrieval"]
+RetrievalName = Literal["cub", "cars", "sop", "inshop"]
 
 
 class ConfigError(ValueError):
@@ -91,26 +93,46 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
 class DataConfig:
     """Training data and the verification sets.
 
+    Two kinds of data feed the same sampler, loop and loss: ``face`` (an insightface pack, the
+    default) and ``retrieval`` (a metric-learning benchmark read by ``facems.protocols.retrieval``:
+    trained on its training classes, evaluated with its Recall@K and MAP@R on its test classes).
+
     Attributes:
-        root: folder holding ``<rec_name>.rec``, ``<rec_name>.idx``, ``property`` and the ``.bin``
-            verification sets (an insightface data pack). Image and identity counts are read from
-            the pack at run time, never configured.
-        rec_name: stem of the ``.rec``/``.idx`` pair inside ``root``.
-        image_size: side of the aligned square face crop, in pixels.
+        kind: ``face`` or ``retrieval``.
+        root: ``face``: folder holding ``<rec_name>.rec``, ``<rec_name>.idx``, ``property`` and the
+            ``.bin`` verification sets (an insightface data pack); ``retrieval``: the data set's folder
+            (layouts in ``facems/protocols/retrieval.py``). Image and class counts are read from the
+            files at run time, never configured.
+        dataset: ``retrieval`` only: ``cub``, ``cars``, ``sop`` or ``inshop`` (null for ``face``).
+        rec_name: ``face`` only: stem of the ``.rec``/``.idx`` pair inside ``root``.
+        image_size: side of the square model input, in pixels: the aligned face crop (112), or the
+            retrieval crop (227 for BN-Inception, 224 for ResNet-50; train and test).
+        resize: ``retrieval`` only: shorter image side before the crop (train: then
+            RandomResizedCrop; test: then the centre crop); >= ``image_size``.
+        crop_scale: ``retrieval`` only: RandomResizedCrop's range of the crop area, as fractions of
+            the resized image (``0 < lo <= hi <= 1``; aspect ratios in torchvision's (3/4, 4/3)).
+        flip: random horizontal flip with probability 0.5 (``face``: on the device; ``retrieval``: in
+            the data workers, with the crop).
         p: identities per rank per step (the global batch is ``p * k * world_size`` images).
         k: images per identity per step (>= 2: every pair loss needs a positive).
         num_workers: data-loading worker processes per rank (0: load in the training process).
         pin_memory: pin host batches for faster copies to a CUDA device (ignored on CPU).
         max_bad_fraction: largest fraction of undecodable images tolerated, in [0, 1].
-        val_targets: names of the ``<root>/<name>.bin`` pair sets evaluated during training.
+        val_targets: ``face`` only: names of the ``<root>/<name>.bin`` pair sets evaluated during
+            training (ignored for ``retrieval``, which evaluates on the data set's test split).
         seed: seed of the P x K sampler and of data augmentation (with the epoch number).
     """
 
     section: ClassVar[str] = "data"
 
+    kind: DataKind = "face"
     root: str = "data/synthetic"
+    dataset: Optional[RetrievalName] = None
     rec_name: str = "train"
     image_size: int = 112
+    resize: int = 256
+    crop_scale: tuple[float, float] = (0.16, 1.0)
+    flip: bool = True
     p: int = 16
     k: int = 4
     num_workers: int = 2
@@ -123,6 +145,34 @@ class DataConfig:
         _require(self.root != "", "data.root", self.root, "a non-empty folder path")
         _require(self.rec_name != "", "data.rec_name", self.rec_name, "a non-empty file stem")
         _require(self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1 (pixels)")
+        _require(self.resize >= 1, "data.resize", self.resize, "an integer >= 1 (pixels)")
+        lo, hi = self.crop_scale
+        _require(
+            0.0 < lo <= hi <= 1.0,
+            "data.crop_scale",
+            list(self.crop_scale),
+            "two area fractions [lo, hi] with 0 < lo <= hi <= 1",
+        )
+        if self.kind == "retrieval":
+            _require(
+                self.dataset is not None,
+                "data.dataset",
+                self.dataset,
+                "one of 'cub', 'cars', 'sop', 'inshop' with data.kind='retrieval'",
+            )
+            _require(
+                self.resize >= self.image_size,
+                "data.resize",
+                self.resize,
+                f"an integer >= data.image_size={self.image_size} (the test crop is cut from the resized image)",
+            )
+        else:
+            _require(
+                self.dataset is None,
+                "data.dataset",
+                self.dataset,
+                "null with data.kind='face' (set data.kind=retrieval to train on a retrieval data set)",
+            )
         _require(self.p >= 1, "data.p", self.p, "an integer >= 1 (identities per rank per step)")
         _require(self.k >= 1, "data.k", self.k, "an integer >= 1 (images per identity)")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
@@ -154,6 +204,17 @@ class ModelConfig:
         channels_last: run convolutions in NHWC memory format.
         compile: wrap the model in ``torch.compile``.
         init_from: optional backbone ``state_dict`` file (insightface key layout) to start from.
+        pretrained: retrieval networks only: ImageNet weights of the trunk, a local file
+            (``bn_inception-52deb4733.pth`` for ``bninception``) or ``torchvision`` (``resnet50``:
+            torchvision's cached file); null: random initialisation. Nothing is ever downloaded.
+        freeze_bn: keep BatchNorm running statistics frozen while training (the official MS-loss
+            code does; affine parameters still train). Null: the model's default (``bninception``
+            and ``resnet50``: frozen); only models that take the option accept true or false.
+
+    The input transform is not configured: it belongs to the weights, so each model carries its own
+    (``preprocess`` of the retrieval networks: Caffe BGR 0..255 minus [104, 117, 128] for
+    ``bninception``, ImageNet mean/std for ``resnet50``; ``(x / 255 - 0.5) / 0.5`` for the face
+    backbones) and training and evaluation both use it.
     """
 
     section: ClassVar[str] = "model"
@@ -165,9 +226,14 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = False
     init_from: Optional[str] = None
+    pretrained: Optional[str] = None
+    freeze_bn: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _require(self.name != "", "model.name", self.name, "a registered model name")
+        _require(
+            self.pretrained != "", "model.pretrained", self.pretrained, "null, a file path or 'torchvision'"
+        )
         _require(self.num_features >= 1, "model.num_features", self.num_features, "an integer >= 1")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
         _require(self.init_from != "", "model.init_from", self.init_from, "null or a file path")
@@ -235,12 +301,13 @@ class OptimConfig:
     """The optimizer.
 
     Attributes:
-        name: ``sgd`` or ``adamw``.
+        name: ``sgd``, ``adam`` (L2 decay added to the gradient, as the official MS-loss code's
+            ``torch.optim.Adam``) or ``adamw`` (decoupled decay).
         lr: peak learning rate (after warmup), for the whole global batch.
         momentum: SGD momentum, in [0, 1).
         nesterov: SGD Nesterov momentum (needs momentum > 0).
         weight_decay: L2 weight decay (decoupled for AdamW).
-        betas: AdamW (beta1, beta2), each in [0, 1).
+        betas: Adam/AdamW (beta1, beta2), each in [0, 1).
         no_decay_on_norm_bias_prelu: no weight decay on BatchNorm, bias and PReLU parameters.
         grad_clip: maximum global gradient norm over all parameters (null: no clipping).
         grad_accum: micro-batches accumulated per optimizer step.
@@ -283,16 +350,22 @@ class ScheduleConfig:
 
     Linear warmup from 0 to ``optim.lr`` over ``warmup_epochs``, then ``poly``
     (``min_lr + (lr - min_lr) * (1 - t) ** power``), ``cosine`` (to ``min_lr``) or ``constant``, where
-    ``t`` runs from 0 to 1 over the remaining steps. Warmup is given in epochs (a float, so 0.5 is half
-    an epoch) because the training length is in epochs too; the loop converts both to optimizer steps
+    ``t`` runs from 0 to 1 over the remaining steps, or ``step``: ``lr * gamma ** m`` where ``m`` is
+    the number of ``milestones`` (fractions of the whole run) already reached. Warmup is given in
+    epochs (a float, so 0.5 is half an epoch) because the training length is in epochs too; the loop converts both to optimizer steps
     with the number of steps per epoch, which depends on the pack and the world size.
 
     Attributes:
-        name: ``poly``, ``cosine`` or ``constant``.
+        name: ``poly``, ``cosine``, ``constant`` or ``step``.
         warmup_epochs: warmup length in epochs (>= 0, < ``epochs``).
         epochs: training length in epochs (``train.max_steps`` may stop earlier).
         power: exponent of the polynomial decay.
-        min_lr: learning rate at the end of the decay (<= ``optim.lr``).
+        min_lr: learning rate at the end of the decay (<= ``optim.lr``; not used by ``step`` and
+            ``constant``).
+        milestones: ``step`` only: where the rate is multiplied by ``gamma``, as increasing fractions
+            of the run's optimizer steps in (0, 1) (the official MS-loss CUB recipe: 1,200 and 2,400 of
+            3,000 iterations, i.e. [0.4, 0.8]).
+        gamma: ``step`` only: the factor applied at each milestone, in (0, 1].
     """
 
     section: ClassVar[str] = "schedule"
@@ -302,6 +375,8 @@ class ScheduleConfig:
     epochs: int = 20
     power: float = 2.0
     min_lr: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [0.4, 0.8])
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "schedule.epochs", self.epochs, "an integer >= 1")
@@ -313,6 +388,14 @@ class ScheduleConfig:
         )
         _require(self.power > 0, "schedule.power", self.power, "a number > 0")
         _require(self.min_lr >= 0, "schedule.min_lr", self.min_lr, "a number >= 0")
+        ms = list(self.milestones)
+        _require(
+            all(0.0 < m < 1.0 for m in ms) and all(a < b for a, b in zip(ms, ms[1:])),
+            "schedule.milestones",
+            ms,
+            "increasing fractions of the run in (0, 1), e.g. [0.4, 0.8]",
+        )
+        _require(0.0 < self.gamma <= 1.0, "schedule.gamma", self.gamma, "a factor in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -362,13 +445,22 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Verification during training on ``data.val_targets``.
+    """Evaluation during training: ``data.val_targets`` (face) or the data set's test split (retrieval).
+
+    ``model.pt`` is always the newest evaluated model. Face runs also keep ``model_best.pt``, the model
+    with the best mean ``.bin`` accuracy. Retrieval runs have no validation split (the benchmarks'
+    protocol trains on one half of the classes and tests on the other), so they select nothing by
+    default: the result of a retrieval recipe is the last model. ``keep_best_on_test`` opts in to
+    the official code's choice (keep the model with the best test Recall@1), which selects on the
+    test split and overstates the result.
 
     Attributes:
         every_steps: optimizer steps between evaluations (0: only at the end of training).
         batch_size: images per forward pass, per rank.
-        flip: add the embedding of the horizontally flipped image (flip test).
+        flip: add the embedding of the horizontally flipped image (flip test; off in the
+            metric-learning protocol).
         at_start: also evaluate before the first step of a fresh run (the accuracy at initialisation).
+        keep_best_on_test: retrieval only: also write ``model_best.pt`` by test-split Recall@1.
     """
 
     section: ClassVar[str] = "eval"
@@ -377,6 +469,7 @@ class EvalConfig:
     batch_size: int = 256
     flip: bool = True
     at_start: bool = False
+    keep_best_on_test: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -442,6 +535,12 @@ class Config:
             "schedule.min_lr",
             self.schedule.min_lr,
             f"a number <= optim.lr={self.optim.lr}",
+        )
+        _require(
+            not (self.eval.keep_best_on_test and self.data.kind == "face"),
+            "eval.keep_best_on_test",
+            self.eval.keep_best_on_test,
+            "false with data.kind='face' (face runs keep model_best.pt by the .bin accuracy)",
         )
         if "{name}" in self.train.output_dir:
             out = self.train.output_dir.replace("{name}", self.name)

@@ -8,6 +8,11 @@
 Settings resolve as: dataclass defaults -> preset or YAML file (--config) -> dotted overrides. The
 resolved config is written to <train.output_dir>/config.yaml; `--print-config` shows it and exits.
 Presets: see `--list-presets`.
+
+Exit codes: 0 done; 1 training failed (diverged, a checkpoint could not be written or loaded, or an
+error with a traceback); 2 a bad config value or launch, found before any process group starts;
+128 + signal (143 for SIGTERM, 130 for SIGINT) stopped by that signal after a step and its checkpoint
+(run the same command again to continue).
 """
 
 from __future__ import annotations
@@ -17,9 +22,6 @@ import logging
 import sys
 
 from facems.config import ConfigError, config_to_dict, list_presets, load_config
-from facems.models import WeightsError
-from facems.train.distributed import LaunchError
-from facems.train.loop import TrainingDiverged, fit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,17 +47,30 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    # The training stack (torch and the rest) is imported only now: a bad value is reported in well
+    # under a second, on every rank of a torchrun launch alike.
+    from facems.models import WeightsError
+    from facems.train.checkpoint import CheckpointError
+    from facems.train.distributed import LaunchError
+    from facems.train.loop import TrainingDiverged, TrainingInterrupted, fit
+
     try:
         result = fit(cfg, device=args.device)
+    except ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        return 2
     except LaunchError as e:
         print(f"train.py: launch error: {e}", file=sys.stderr)
         return 2
     except WeightsError as e:
         print(f"train.py: model.init_from: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 128 + e.signum
     logging.getLogger("facems").info(
         "done: step %d, %.1f img/s, best mean accuracy %.4f at step %d, artefacts in %s",
         result.step,

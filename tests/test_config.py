@@ -33,6 +33,7 @@ EXPECTED_PRESETS = {
     "ms1mv3_r100",
     "glint360k_r100",
     "webface42m_r100",
+    *(f"{d}_{m}" for d in ("cub", "cars", "sop", "inshop") for m in ("bninception", "resnet50")),
 }
 
 
@@ -49,9 +50,9 @@ def test_default_is_synthetic_demo_and_matches_the_brief() -> None:
     assert cfg == load_config("synthetic_demo")
     assert cfg.name == "synthetic_demo"
     assert cfg.model.name == "iresnet_tiny_s2"
-    assert (cfg.data.p, cfg.data.k) == (16, 4)
+    assert (cfg.data.p, cfg.data.k) == (8, 8)
     assert cfg.train.precision == "auto"
-    assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.001)
+    assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.003)
     assert cfg.eval.at_start and cfg.schedule.epochs == 2
     assert cfg.data.root == "data/synthetic"
     assert cfg.train.output_dir == "work_dirs/synthetic_demo"
@@ -83,7 +84,9 @@ def test_each_shipped_preset_loads_and_round_trips(filename: str, tmp_path: Path
     assert cfg.name == name
     assert cfg.train.output_dir == f"work_dirs/{name}"
     assert config_from_dict(config_to_dict(cfg)) == cfg
-    if name != "synthetic_demo":
+    if cfg.data.kind == "retrieval":  # tests/test_config_retrieval.py checks these recipes
+        assert name.startswith(f"{cfg.data.dataset}_") and cfg.model.name in name
+    elif name != "synthetic_demo":
         assert cfg.model.name in ("iresnet50", "iresnet100")
         assert cfg.model.num_features == 512 and cfg.train.precision == "bf16"
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (
@@ -149,7 +152,7 @@ def test_overrides_of_each_type() -> None:
     assert cfg.train.max_steps == 10
     assert cfg.name == "my_run" and cfg.train.output_dir == "work_dirs/my_run"
     # untouched fields keep the preset's values
-    assert cfg.data.k == 4 and cfg.model.name == "iresnet_tiny_s2"
+    assert cfg.data.k == 8 and cfg.model.name == "iresnet_tiny_s2"
 
 
 def test_null_override_and_later_override_wins() -> None:

@@ -9,6 +9,14 @@ at import. Launch rules:
   ``cuda:LOCAL_RANK``), gloo on CPU, with a timeout so a rank that died does not hang the others.
 * anything in between (some variables set, values out of range, more local ranks than GPUs) is a
   launch error with a message saying what was found and how to launch.
+
+Restarts (``torchrun --max-restarts=K``): the agent hosts one key-value store for the whole job
+(``TORCHELASTIC_USE_AGENT_STORE=True``) and ``init_process_group("env://")`` writes its keys there
+(each rank's gloo address, NCCL's unique id) without the attempt number. After a restart, a rank that
+reaches ``init_process_group`` before a peer reads that peer's key from the failed attempt and fails
+("Connection refused", or NCCL waits on a dead id); with torch 2.14 a peer a few seconds slower was
+enough. :func:`init_distributed` therefore joins through a :class:`torch.distributed.PrefixStore`
+named after ``TORCHELASTIC_RESTART_COUNT``, so each attempt has its own keys.
 """
 
 from __future__ import annotations
@@ -118,14 +126,40 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     dev = _device(use_cuda, local)
     if use_cuda:
         torch.cuda.set_device(dev)
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
         rank=rank,
         world_size=world,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=dev if use_cuda else None,
+        store=_attempt_store(env, rank, world, timeout),
     )
     return DistInfo(rank, world, local, dev, initialized_here=True)
+
+
+def _attempt_store(env: dict[str, str], rank: int, world: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun: the job's store with keys private to this attempt; ``None`` (env://) otherwise."""
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    port_text = env["MASTER_PORT"]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise LaunchError(f"MASTER_PORT={port_text!r}: expected a port number (set by torchrun)") from None
+    # As torch's env:// does: the agent serves the store at MASTER_ADDR:MASTER_PORT when it says so,
+    # otherwise rank 0 hosts it.
+    agent_hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(
+        env["MASTER_ADDR"],
+        port,
+        world_size=world,
+        is_master=not agent_hosts and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_hosts,
+    )
+    return dist.PrefixStore(f"facems/attempt_{attempt}", base)
 
 
 def _device(use_cuda: bool, local_rank: int) -> torch.device:

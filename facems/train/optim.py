@@ -1,4 +1,4 @@
-"""Optimizer builder: SGD or AdamW over two parameter groups, with and without weight decay.
+"""Optimizer builder: SGD, Adam or AdamW over two parameter groups, with and without weight decay.
 
 Weight decay pulls a weight towards zero. That is what one wants for convolution and linear
 weights, but not for the scale and shift of a normalisation layer, for a bias, or for a PReLU
@@ -94,12 +94,17 @@ def _sgd(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimize
     )
 
 
+def _adam(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
 def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 _OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], OptimConfig], torch.optim.Optimizer]] = {
     "sgd": _sgd,
+    "adam": _adam,
     "adamw": _adamw,
 }
 
@@ -108,7 +113,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """The optimizer named by ``cfg.name`` over :func:`param_groups` of ``model``.
 
     ``sgd``: :class:`torch.optim.SGD` with ``cfg.momentum`` and ``cfg.nesterov`` (coupled L2 decay,
-    added to the gradient). ``adamw``: :class:`torch.optim.AdamW` with ``cfg.betas`` (decoupled decay,
+    added to the gradient). ``adam``: :class:`torch.optim.Adam` with ``cfg.betas`` (coupled L2 decay, as the
+    official MS-loss code). ``adamw``: :class:`torch.optim.AdamW` with ``cfg.betas`` (decoupled decay,
     ``p *= 1 - lr * weight_decay``). Both start at ``lr = cfg.lr``; the schedule scales it per step.
     ``cfg.grad_clip`` and ``cfg.grad_accum`` are the training loop's business, not the optimizer's.
 

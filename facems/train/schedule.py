@@ -10,9 +10,11 @@ Step ``s`` (0-based) is the index of an optimizer step; the learning rate used b
   - ``poly``: ``min_lr + (lr - min_lr) * (1 - t) ** power``
   - ``cosine``: ``min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * t))``
   - ``constant``: ``lr`` (``min_lr`` is not used)
+  - ``step``: ``lr * gamma ** m``, ``m`` the number of ``milestones`` (fractions of ``T``) with
+    ``milestone * T <= s`` (``min_lr`` is not used): the official MS-loss code's multi-step schedule
 
 * after the end, ``s >= T``: the value at ``t = 1``, i.e. ``min_lr`` for ``poly`` and ``cosine``
-  (``lr`` for ``constant``).
+  (``lr`` for ``constant``, ``lr * gamma ** len(milestones)`` for ``step``).
 
 :func:`build_scheduler` wraps this in a :class:`torch.optim.lr_scheduler.LambdaLR`, one per run, to
 be stepped after every ``optimizer.step()``.
@@ -21,6 +23,7 @@ be stepped after every ``optimizer.step()``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -49,6 +52,7 @@ _DECAYS: dict[str, Callable[[float, float], float]] = {
     "cosine": _cosine,
     "constant": _constant,
 }
+_NAMES = (*_DECAYS, "step")
 
 
 def lr_at(step: int, base_lr: float, cfg: ScheduleConfig, total_steps: int, warmup_steps: int) -> float:
@@ -68,15 +72,24 @@ def lr_at(step: int, base_lr: float, cfg: ScheduleConfig, total_steps: int, warm
     Raises:
         ValueError: an unknown ``cfg.name`` or an argument out of range.
     """
-    return _lr(step, base_lr, cfg.name, cfg.power, cfg.min_lr, total_steps, warmup_steps)
+    return _lr(
+        step, base_lr, cfg.name, cfg.power, cfg.min_lr, total_steps, warmup_steps, cfg.milestones, cfg.gamma
+    )
 
 
 def _lr(
-    step: int, base_lr: float, name: str, power: float, min_lr: float, total_steps: int, warmup_steps: int
+    step: int,
+    base_lr: float,
+    name: str,
+    power: float,
+    min_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    milestones: Sequence[float] = (),
+    gamma: float = 1.0,
 ) -> float:
-    decay = _DECAYS.get(name)
-    if decay is None:
-        raise ValueError(f"schedule.name = {name!r}: expected one of {', '.join(sorted(_DECAYS))}")
+    if name not in _NAMES:
+        raise ValueError(f"schedule.name = {name!r}: expected one of {', '.join(sorted(_NAMES))}")
     if step < 0:
         raise ValueError(f"lr_at: step = {step}: expected an optimizer step >= 0")
     if total_steps < 1:
@@ -85,8 +98,10 @@ def _lr(
         raise ValueError(f"lr_at: warmup_steps = {warmup_steps}: expected a number in [0, {total_steps})")
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
+    if name == "step":
+        return base_lr * gamma ** sum(1 for m in milestones if m * total_steps <= step)
     t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    return min_lr + (base_lr - min_lr) * decay(t, power)
+    return min_lr + (base_lr - min_lr) * _DECAYS[name](t, power)
 
 
 def optimizer_steps(cfg: ScheduleConfig, steps_per_epoch: int, grad_accum: int = 1) -> tuple[int, int]:
@@ -141,6 +156,8 @@ class LRFactor:
         min_lr: float,
         total_steps: int,
         warmup_steps: int,
+        milestones: Sequence[float] = (),
+        gamma: float = 1.0,
     ) -> None:
         self.base_lr = float(base_lr)
         self.name = name
@@ -148,10 +165,22 @@ class LRFactor:
         self.min_lr = float(min_lr)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
+        self.milestones = [float(m) for m in milestones]
+        self.gamma = float(gamma)
 
     def __call__(self, step: int) -> float:
         # The stored fields, not the run's current config: after a resume they are the saved ones.
-        lr = _lr(step, self.base_lr, self.name, self.power, self.min_lr, self.total_steps, self.warmup_steps)
+        lr = _lr(
+            step,
+            self.base_lr,
+            self.name,
+            self.power,
+            self.min_lr,
+            self.total_steps,
+            self.warmup_steps,
+            self.milestones,
+            self.gamma,
+        )
         return lr / self.base_lr
 
 
@@ -178,8 +207,8 @@ def build_scheduler(
         ValueError: an unknown ``cfg.name``, a length out of range, or a group whose peak learning
             rate is not above 0 or is below ``cfg.min_lr``.
     """
-    if cfg.name not in _DECAYS:
-        raise ValueError(f"schedule.name = {cfg.name!r}: expected one of {', '.join(sorted(_DECAYS))}")
+    if cfg.name not in _NAMES:
+        raise ValueError(f"schedule.name = {cfg.name!r}: expected one of {', '.join(sorted(_NAMES))}")
     total, warmup = optimizer_steps(cfg, steps_per_epoch, grad_accum)
     factors: list[Callable[[int], float]] = []
     for i, group in enumerate(optimizer.param_groups):
@@ -191,5 +220,7 @@ def build_scheduler(
             raise ValueError(
                 f"schedule.min_lr = {cfg.min_lr}: expected <= the peak lr {base} of {label} (optim.lr)"
             )
-        factors.append(LRFactor(base, cfg.name, cfg.power, cfg.min_lr, total, warmup))
+        factors.append(
+            LRFactor(base, cfg.name, cfg.power, cfg.min_lr, total, warmup, cfg.milestones, cfg.gamma)
+        )
     return LambdaLR(optimizer, lr_lambda=factors)

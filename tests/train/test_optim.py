@@ -130,8 +130,8 @@ def test_build_adamw_hyperparameters(tiny: nn.Module) -> None:
 
 
 def test_build_optimizer_bad_name(tiny: nn.Module) -> None:
-    cfg = dataclasses.replace(OptimConfig(), name="adam")
-    with pytest.raises(ValueError, match=r"optim.name = 'adam'.*adamw, sgd"):
+    cfg = dataclasses.replace(OptimConfig(), name="lamb")
+    with pytest.raises(ValueError, match=r"optim.name = 'lamb'.*adam, adamw, sgd"):
         build_optimizer(tiny, cfg)
 
 
@@ -182,4 +182,23 @@ def test_adamw_step_decoupled_decay_only_on_decay_group() -> None:
     for name, p_decay in (("bn1.bias", 0.0), ("layer1.0.prelu.weight", 0.0), ("fc.weight", wd)):
         g = grads[name].double()
         expected = before[name].double() * (1 - lr * p_decay) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(params[name].detach().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_step_couples_l2_decay_only_on_decay_group() -> None:
+    torch.manual_seed(5)
+    model = create_model("iresnet_tiny")
+    lr, wd, eps = 1e-2, 0.1, 1e-8
+    opt = build_optimizer(model, OptimConfig(name="adam", lr=lr, weight_decay=wd, betas=(0.9, 0.99)))
+    assert type(opt) is torch.optim.Adam
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _set_grads(model, 6)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    params = dict(model.named_parameters())
+    # First Adam step with L2 decay in the gradient: d = g + wd * p, bias-corrected m = d, v = d^2,
+    # so p <- p - lr * d / (|d| + eps): the decay changes the direction's magnitude, not a shrink.
+    for name, p_decay in (("bn1.bias", 0.0), ("layer1.0.prelu.weight", 0.0), ("fc.weight", wd)):
+        d = grads[name].double() + p_decay * before[name].double()
+        expected = before[name].double() - lr * d / (d.abs() + eps)
         torch.testing.assert_close(params[name].detach().double(), expected, rtol=1e-5, atol=1e-6)

@@ -42,6 +42,54 @@ def test_lr_at_matches_reference(name: str, warmup: int) -> None:
         assert got == pytest.approx(reference_lr(s, lr, name, power, min_lr, total, warmup), rel=1e-12), s
 
 
+def test_step_schedule_multiplies_by_gamma_at_each_milestone() -> None:
+    """The official MS-loss CUB recipe: 3,000 iterations, x0.1 at 1,200 and 2,400 (after warmup)."""
+    cfg = ScheduleConfig(name="step", milestones=[0.4, 0.8], gamma=0.1, epochs=2)
+    expected = {
+        0: 0.01,
+        99: 1.0,
+        100: 1.0,
+        1199: 1.0,
+        1200: 0.1,
+        2399: 0.1,
+        2400: 0.01,
+        2999: 0.01,
+        5000: 0.01,
+    }
+    for s, factor in expected.items():
+        assert lr_at(s, 3e-5, cfg, 3000, 100) == pytest.approx(3e-5 * factor, rel=1e-12), s
+    # Through the LambdaLR, every step: the same values, and they survive a state_dict round trip.
+    opt = torch.optim.Adam(nn.Linear(2, 2).parameters(), lr=3e-5)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=1500)
+    seen = []
+    for _ in range(3000):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[1199] == pytest.approx(3e-5) and seen[1200] == pytest.approx(3e-6)
+    assert seen[2400] == pytest.approx(3e-7) and seen[2999] == pytest.approx(3e-7)
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["lr_lambdas"][0]["milestones"] == [0.4, 0.8] and state["lr_lambdas"][0]["gamma"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "milestones, gamma, match",
+    [
+        ([0.8, 0.4], 0.1, "schedule.milestones"),
+        ([0.0], 0.1, "schedule.milestones"),
+        ([0.5], 0.0, "schedule.gamma"),
+    ],
+)
+def test_step_schedule_rejects_bad_milestones(milestones: list[float], gamma: float, match: str) -> None:
+    from facems.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ScheduleConfig(name="step", milestones=milestones, gamma=gamma)
+
+
 def test_lr_at_hand_values() -> None:
     """A few values worked out by hand."""
     cosine = ScheduleConfig(name="cosine", min_lr=0.0)
@@ -64,8 +112,8 @@ def test_lr_at_hand_values() -> None:
 
 def test_lr_at_errors() -> None:
     cfg = ScheduleConfig()
-    with pytest.raises(ValueError, match=r"schedule.name = 'step'.*constant, cosine, poly"):
-        lr_at(0, 0.1, dataclasses.replace(cfg, name="step"), 10, 0)
+    with pytest.raises(ValueError, match=r"schedule.name = 'exp'.*constant, cosine, poly, step"):
+        lr_at(0, 0.1, dataclasses.replace(cfg, name="exp"), 10, 0)
     with pytest.raises(ValueError, match="step = -1"):
         lr_at(-1, 0.1, cfg, 10, 0)
     with pytest.raises(ValueError, match="warmup_steps = 10"):
