@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["free_port", "run_in_ddp"]
+__all__ = ["free_port", "run_in_ddp", "tiny_run_overrides"]
 
 
 def free_port() -> int:
@@ -74,3 +74,32 @@ def run_in_ddp(
         return [
             torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)
         ]
+
+
+def tiny_run_overrides(name: str, root: object, out: object, *extra: str) -> list[str]:
+    """Dotted overrides of a tiny deterministic CPU run, for tests: ``load_config(None, overrides)``.
+
+    iresnet_tiny_s2 with 32-d embeddings, P x K = 3 x 2, no data workers, fp32, deterministic, two
+    epochs, no evaluation, no TensorBoard, no validation sets; ``extra`` overrides come last and win.
+    """
+    return [
+        f"name={name}",
+        f"data.root={root}",
+        f"train.output_dir={out}",
+        "data.val_targets=[]",
+        "data.p=3",
+        "data.k=2",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "model.name=iresnet_tiny_s2",
+        "model.num_features=32",
+        "optim.lr=0.05",
+        "optim.grad_clip=5.0",
+        "schedule.epochs=2",
+        "train.deterministic=true",
+        "train.precision=fp32",
+        "eval.every_steps=0",
+        "log.every_steps=1",
+        "log.tensorboard=false",
+        *extra,
+    ]

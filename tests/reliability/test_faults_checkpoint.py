@@ -19,6 +19,7 @@ import torch
 from facems.config import load_config
 from facems.data.synthetic import SyntheticFaces
 from facems.data.synthetic_release import write_train_pack
+from facems.testing import tiny_run_overrides
 from facems.train.checkpoint import CheckpointError, CheckpointManager
 from facems.train.distributed import init_distributed
 from facems.train.loop import Trainer
@@ -33,32 +34,15 @@ def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(root: Path, out: Path, max_steps: int, checkpoint_every: int = 3) -> Trainer:
     """Train iresnet_tiny_s2 (P x K = 3 x 2, 8 steps per epoch) to ``max_steps``, resuming from ``out``."""
-    cfg = load_config(
-        None,
-        [
-            "name=ckpt_faults",
-            f"data.root={root}",
-            f"train.output_dir={out}",
-            "data.val_targets=[]",
-            "data.p=3",
-            "data.k=2",
-            "data.num_workers=0",
-            "data.pin_memory=false",
-            "model.name=iresnet_tiny_s2",
-            "model.num_features=32",
-            "optim.lr=0.05",
-            "optim.grad_clip=5.0",
-            "schedule.epochs=2",
-            "train.deterministic=true",
-            "train.precision=fp32",
-            f"train.checkpoint_every={checkpoint_every}",
-            "train.keep_checkpoints=2",
-            f"train.max_steps={max_steps}",
-            "eval.every_steps=0",
-            "log.every_steps=1",
-            "log.tensorboard=false",
-        ],
+    overrides = tiny_run_overrides(
+        "ckpt_faults",
+        root,
+        out,
+        f"train.checkpoint_every={checkpoint_every}",
+        "train.keep_checkpoints=2",
+        f"train.max_steps={max_steps}",
     )
+    cfg = load_config(None, overrides)
     trainer = Trainer(cfg, init_distributed("cpu"))
     trainer.fit()
     return trainer

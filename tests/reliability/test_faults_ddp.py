@@ -33,7 +33,7 @@ from facems.data.synthetic import SyntheticFaces
 from facems.data.synthetic_release import write_pair_bin, write_train_pack
 from facems.models import create_model
 from facems.protocols.pairs import verify_bin
-from facems.testing import run_in_ddp
+from facems.testing import run_in_ddp, tiny_run_overrides
 from facems.train.checkpoint import CheckpointError, load_checkpoint
 from facems.train.distributed import init_distributed
 from facems.train.loop import Trainer, TrainingInterrupted
@@ -43,33 +43,19 @@ EVAL_SLEEP_S = 0.2
 
 def make_trainer(root: str, out: str) -> Trainer:
     """iresnet_tiny_s2, P x K = 2 x 2 per rank on 2 ranks: 8 images per global step, 6 steps per epoch."""
-    cfg = load_config(
-        None,
-        [
-            "name=ddp_faults",
-            f"data.root={root}",
-            f"train.output_dir={out}",
-            "data.val_targets=[cplfw]",
-            "data.p=2",
-            "data.k=2",
-            "data.num_workers=0",
-            "data.pin_memory=false",
-            "model.name=iresnet_tiny_s2",
-            "model.num_features=32",
-            "optim.lr=0.05",
-            "optim.grad_clip=5.0",
-            "schedule.epochs=2",
-            "train.deterministic=true",
-            "train.precision=fp32",
-            "train.checkpoint_every=2",
-            "train.max_steps=8",
-            "eval.every_steps=2",
-            "eval.batch_size=8",
-            "eval.at_start=false",
-            "log.every_steps=1",
-            "log.tensorboard=false",
-        ],
+    overrides = tiny_run_overrides(
+        "ddp_faults",
+        root,
+        out,
+        "data.val_targets=[cplfw]",
+        "data.p=2",
+        "train.checkpoint_every=2",
+        "train.max_steps=8",
+        "eval.every_steps=2",
+        "eval.batch_size=8",
+        "eval.at_start=false",
     )
+    cfg = load_config(None, overrides)
     return Trainer(cfg, init_distributed("cpu"))
 
 

@@ -19,6 +19,7 @@ import torch
 from facems.config import load_config
 from facems.data.synthetic import SyntheticFaces
 from facems.data.synthetic_release import write_train_pack
+from facems.testing import tiny_run_overrides
 from facems.train.checkpoint import CheckpointManager
 from facems.train.distributed import init_distributed
 from facems.train.loop import Trainer, TrainingDiverged
@@ -35,31 +36,7 @@ def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_trainer(root: Path, out: Path, *extra: str) -> Trainer:
     """iresnet_tiny_s2, P x K = 3 x 2 on one process: 8 optimizer steps per epoch."""
-    cfg = load_config(
-        None,
-        [
-            "name=numeric",
-            f"data.root={root}",
-            f"train.output_dir={out}",
-            "data.val_targets=[]",
-            "data.p=3",
-            "data.k=2",
-            "data.num_workers=0",
-            "data.pin_memory=false",
-            "model.name=iresnet_tiny_s2",
-            "model.num_features=32",
-            "optim.lr=0.05",
-            "optim.grad_clip=5.0",
-            "schedule.epochs=2",
-            "train.deterministic=true",
-            "train.precision=fp32",
-            "train.checkpoint_every=3",
-            "eval.every_steps=0",
-            "log.every_steps=1",
-            "log.tensorboard=false",
-            *extra,
-        ],
-    )
+    cfg = load_config(None, tiny_run_overrides("numeric", root, out, "train.checkpoint_every=3", *extra))
     return Trainer(cfg, init_distributed("cpu"))
 
 

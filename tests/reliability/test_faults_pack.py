@@ -18,6 +18,7 @@ import torch
 from facems.config import load_config
 from facems.data.datasets import DatasetError
 from facems.data.recordio import IndexedRecordWriter, IRHeader, RecordIOError, pack
+from facems.testing import tiny_run_overrides
 from facems.train.distributed import init_distributed
 from facems.train.loop import Trainer
 
@@ -52,26 +53,7 @@ def write_pack(
 
 
 def make_trainer(root: Path, out: Path, *extra: str) -> Trainer:
-    cfg = load_config(
-        None,
-        [
-            "name=pack_faults",
-            f"data.root={root}",
-            f"train.output_dir={out}",
-            "data.val_targets=[]",
-            "data.p=3",
-            "data.k=2",
-            "data.num_workers=0",
-            "data.pin_memory=false",
-            "model.name=iresnet_tiny_s2",
-            "model.num_features=32",
-            "train.precision=fp32",
-            "eval.every_steps=0",
-            "log.every_steps=1",
-            "log.tensorboard=false",
-            *extra,
-        ],
-    )
+    cfg = load_config(None, tiny_run_overrides("pack_faults", root, out, *extra))
     return Trainer(cfg, init_distributed("cpu"))
 
 
