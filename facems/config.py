@@ -36,6 +36,7 @@ import difflib
 import math
 import os
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -76,13 +77,32 @@ RetrievalName = Literal["cub", "cars", "sop", "inshop"]
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used: unknown key, wrong type, value out of range, bad file."""
+    """A configuration that cannot be used: unknown key, wrong type, value out of range, bad file.
+
+    Attributes:
+        key: the dotted key at fault, where one is (range checks set it, so that :func:`load_config`
+            can name the file or override that set the value).
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
+def _show(value: Any) -> str:
+    """A bounded repr of a value read from YAML, for messages: YAML aliases can make a small file hold
+    a value whose full repr is exponentially long (or too deeply nested for ``repr``)."""
+    return _REPR.repr(value)
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
     """Raise a :class:`ConfigError` naming ``key``, ``value`` and ``expected`` unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+        raise ConfigError(f"{key} = {value!r}: expected {expected}", key)
 
 
 # Annotations below use typing.Optional (not ``X | None``) because they are evaluated at run time
@@ -592,7 +612,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         ConfigError: naming ``key``, the value and the expected type.
     """
     origin, args = get_origin(tp), get_args(tp)
-    wrong = ConfigError(f"{key} = {value!r}: expected {_describe(tp)}")
+    wrong = ConfigError(f"{key} = {_show(value)}: expected {_describe(tp)}")
     if origin is Union:  # Optional[X]
         if value is None:
             return None
@@ -604,7 +624,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if isinstance(value, str) and value in args:
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        text = value if isinstance(value, str) else _show(value)
+        close = difflib.get_close_matches(text[:200], [str(a) for a in args], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{wrong}{hint}")
     if origin is list:
@@ -647,19 +668,27 @@ def _unknown(key: str, valid: Sequence[str], where: str, scope: str) -> ConfigEr
     return ConfigError(f"unknown key {key!r} in {where}{hint} Valid keys of {scope}: {', '.join(valid)}")
 
 
-def _merge_layer(merged: dict[str, Any], layer: Mapping[str, Any], where: str) -> None:
+def _merge_layer(
+    merged: dict[str, Any], layer: Mapping[str, Any], where: str, origins: Optional[dict[str, str]] = None
+) -> None:
     """Check every key and value of ``layer`` and write the converted values into ``merged``.
 
-    ``merged`` holds ``name`` and one dict per section; ``layer`` may hold any part of them.
+    ``merged`` holds ``name`` and one dict per section; ``layer`` may hold any part of them. Each key
+    set is recorded in ``origins`` (dotted key -> ``where``) when it is given.
     """
+    origins = {} if origins is None else origins
     for top, body in layer.items():
         if top == "name":
-            merged["name"] = _coerce(body, str, "name")
+            try:
+                merged["name"] = _coerce(body, str, "name")
+            except ConfigError as e:
+                raise ConfigError(f"{e} (in {where})") from None
+            origins["name"] = where
             continue
         if top not in SECTIONS:
             raise _unknown(str(top), _TOP_KEYS, where, "the top level")
         if not isinstance(body, Mapping):
-            raise ConfigError(f"{top} = {body!r} in {where}: expected a mapping of {top}.* keys")
+            raise ConfigError(f"{top} = {_show(body)} in {where}: expected a mapping of {top}.* keys")
         hints = _field_types(SECTIONS[top])
         for key, value in body.items():
             dotted = f"{top}.{key}"
@@ -669,6 +698,7 @@ def _merge_layer(merged: dict[str, Any], layer: Mapping[str, Any], where: str) -
                 merged[top][key] = _coerce(value, hints[key], dotted)
             except ConfigError as e:
                 raise ConfigError(f"{e} (in {where})") from None
+            origins[dotted] = where
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -715,6 +745,10 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not plain YAML (only safe YAML is read, no Python tags): {e}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    except Exception as e:  # a constructor's own error, e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{where}: YAML value not readable: {type(e).__name__}: {str(e)[:200]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -737,6 +771,8 @@ def _locate(ref: str, base_dir: Optional[str]) -> tuple[str, str, str]:
                 return path, f"file {path}", f.read()
         except OSError as e:
             raise ConfigError(f"config file {path}: cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte offset {e.start})") from None
     presets = list_presets()
     if ref not in presets:
         close = difflib.get_close_matches(ref, presets, n=1)
@@ -761,7 +797,7 @@ def _file_layers(
     layers: list[tuple[str, dict[str, Any]]] = []
     if parent is not None:
         if not isinstance(parent, str) or parent == "":
-            raise ConfigError(f"inherit = {parent!r} in {where}: expected a preset name or a YAML path")
+            raise ConfigError(f"inherit = {_show(parent)} in {where}: expected a preset name or a YAML path")
         own_dir = os.path.dirname(ident) if not ident.startswith("preset:") else None
         for parent_where, parent_data in _file_layers(parent, own_dir, (*chain, ident)):
             parent_data.pop("name", None)  # an inherited file's name is not the child's
@@ -780,6 +816,12 @@ def _parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not plain YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"override {text[:80]!r}: the value is nested too deeply") from None
+    except Exception as e:
+        raise ConfigError(
+            f"override {text[:80]!r}: value not readable: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
     parts = key.split(".")
     if parts == ["name"]:
         return {"name": value}
@@ -811,13 +853,20 @@ def load_config(preset_or_path: Optional[str] = None, overrides: Sequence[str] =
     else:
         stem = ref
     merged: dict[str, Any] = {"name": stem, **_defaults()}
+    origins = {"name": f"the name of {ref!r}"}  # where each key was set, to name it in range errors
     for where, data in _file_layers(ref, None, ()):
-        _merge_layer(merged, data, where)
+        _merge_layer(merged, data, where, origins)
     if isinstance(overrides, str):
         raise ConfigError(f"overrides = {overrides!r}: expected a list of section.key=value strings")
     for text in overrides:
-        _merge_layer(merged, _parse_override(text), f"override {text!r}")
-    return _build(merged)
+        _merge_layer(merged, _parse_override(text), f"override {text!r}", origins)
+    try:
+        return _build(merged)
+    except ConfigError as e:
+        source = origins.get((e.key or "").split("[")[0])
+        if source is None:
+            raise
+        raise ConfigError(f"{e} (set in {source})", e.key) from None
 
 
 # ---------------------------------------------------------------------------------------------

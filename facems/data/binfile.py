@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import reprlib
 import warnings
 from collections.abc import Sequence
 from typing import Any, BinaryIO, Union
@@ -69,6 +70,17 @@ _LATIN1_NAMES = frozenset({"latin1", "latin-1", "latin_1", "iso-8859-1", "iso885
 _ALLOWED_DTYPES = frozenset({"u1", "b1", "?", "i1", "i2", "i4", "i8", "u2", "u4", "u8"})
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def _show(value: Any, limit: int = 50) -> str:
+    """A short repr of an unpickled value for messages: bounded in depth, so a deeply nested hostile
+    value cannot raise RecursionError (or take long) where the builtin ``repr`` would."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class _Refused(Exception):
     """Raised inside a stand-in; turned into a BinFileError naming the file by :func:`_unpickle`."""
 
@@ -84,7 +96,7 @@ def _as_text(value: Any, what: str) -> str:
 def _safe_codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
     if not isinstance(obj, str) or _as_text(encoding, "_codecs.encode encoding").lower() not in _LATIN1_NAMES:
         raise _Refused(
-            f"_codecs.encode: only (str, 'latin1') is allowed, got ({type(obj).__name__}, {encoding!r})"
+            f"_codecs.encode: only (str, 'latin1') is allowed, got ({type(obj).__name__}, {_show(encoding)})"
         )
     return obj.encode("latin-1")
 
@@ -147,13 +159,13 @@ class _PickledDtype:
     def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
         text = _as_text(spec, "numpy.dtype spec")
         if text not in _ALLOWED_DTYPES:
-            raise _Refused(f"numpy.dtype: only bool and integer dtypes are allowed, got {text!r}")
+            raise _Refused(f"numpy.dtype: only bool and integer dtypes are allowed, got {_show(text)}")
         self.dtype = np.dtype(text)
 
     def __setstate__(self, state: Any) -> None:
         # (version, byteorder, subdescr, names, fields, elsize, alignment, flags[, metadata])
         if not isinstance(state, tuple) or len(state) not in (8, 9) or any(x is not None for x in state[2:5]):
-            raise _Refused(f"numpy.dtype state: expected a plain dtype's 8-tuple, got {state!r:.200}")
+            raise _Refused(f"numpy.dtype state: expected a plain dtype's 8-tuple, got {_show(state, 200)}")
         order = _as_text(state[1], "numpy.dtype byte order")
         if order not in ("|", "<", ">", "="):
             raise _Refused(f"numpy.dtype state: byte order must be one of | < > =, got {order!r}")
@@ -171,7 +183,7 @@ def _shape_of(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):
-        raise _Refused(f"{what}: expected a tuple of non-negative ints, got {value!r:.200}")
+        raise _Refused(f"{what}: expected a tuple of non-negative ints, got {_show(value, 200)}")
     return value
 
 
@@ -218,7 +230,7 @@ def _safe_reconstruct(subtype: Any, shape: Any, typecode: Any) -> _PickledArray:
 def _safe_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> _PickledArray:
     text = _as_text(order, "numpy _frombuffer order")
     if axis_order is not None or text not in ("C", "F"):
-        raise _Refused(f"numpy _frombuffer: only C or F order is allowed, got {order!r:.50}")
+        raise _Refused(f"numpy _frombuffer: only C or F order is allowed, got {_show(order)}")
     dt = _dtype_of(dtype, "numpy _frombuffer dtype")
     return _PickledArray(_array_from_raw(buf, dt, _shape_of(shape, "numpy _frombuffer shape"), text == "F"))
 
@@ -264,7 +276,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return target
 
     def persistent_load(self, pid: Any) -> Any:
-        raise BinFileError(f"{self._path}: refused persistent id {pid!r:.100}: not used by .bin files")
+        raise BinFileError(f"{self._path}: refused persistent id {_show(pid, 100)}: not used by .bin files")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,7 +389,7 @@ def _as_flags(issame: Any, path: str) -> np.ndarray:
             flags[k] = bool(v)
         else:
             raise BinFileError(
-                f"{path}: issame_list[{k}]: expected a bool (or 0/1), got {type(v).__name__} {v!r:.50}"
+                f"{path}: issame_list[{k}]: expected a bool (or 0/1), got {type(v).__name__} {_show(v)}"
             )
     return flags
 

@@ -51,7 +51,8 @@ _FLAG_LABEL = struct.Struct("<If")  # the first two header fields
 _FIRST_LABEL = struct.Struct("<f")
 MAX_RECORD_BYTES = (1 << 29) - 1  # the length field has 29 bits
 _LENGTH_MASK = (1 << 29) - 1
-_IDX_LINE = re.compile(r"(-?\d+)\t(\d+)")
+# At most 20 digits (a 64-bit integer): also keeps int() away from its limit on huge digit strings.
+_IDX_LINE = re.compile(r"(-?[0-9]{1,20})\t([0-9]{1,20})")
 _WRITE_BUFFER_BYTES = 4 << 20
 
 _CFLAG_NAMES = {0: "whole", 1: "first", 2: "middle", 3: "last"}
@@ -179,7 +180,8 @@ def _parse_idx(idx_path: str) -> tuple[list[int], dict[int, int]]:
             match = _IDX_LINE.fullmatch(line.strip())
             if match is None:
                 raise RecordIOError(
-                    f"{idx_path}: line {lineno}: expected '<int key>\\t<int offset>', got {line!r}"
+                    f"{idx_path}: line {lineno}: expected '<int key>\\t<int offset>' (at most 20 digits each), "
+                    f"got {line[:80]!r}"
                 )
             key, offset = int(match.group(1)), int(match.group(2))
             if key in offsets:
@@ -233,7 +235,7 @@ def _read_record(fd: int, path: str, offset: int, key: int | None) -> tuple[byte
         expected = (0, 1) if not parts else (2, 3)
         if cflag not in expected:
             raise RecordIOError(
-                f"{_where(path, key)}: {_CFLAG_NAMES[cflag]} part (cflag {cflag}) at byte offset {pos} "
+                f"{_where(path, key)}: {_CFLAG_NAMES.get(cflag, 'invalid')} part (cflag {cflag}) at byte offset {pos} "
                 f"where a {' or '.join(_CFLAG_NAMES[c] for c in expected)} part was expected "
                 f"(record starts at {offset})"
             )

@@ -82,8 +82,7 @@ def read_backbone_state(
         ) from None
     info: dict[str, Any] = {}
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "format" in obj:
-        model_cfg = (obj.get("config") or {}).get("model") or {}
-        info = {k: model_cfg[k] for k in ("name", "num_features") if k in model_cfg}
+        info = _stored_network(where, obj.get("config"))
         obj = obj["model"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict_backbone"), Mapping):
         obj = obj["state_dict_backbone"]
@@ -91,14 +90,49 @@ def read_backbone_state(
         raise WeightsError(
             f"{where}: expected a state_dict (a non-empty dict of tensors), got {type(obj).__name__}"
         )
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [
+        k
+        for k, v in obj.items()
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor) or v.is_complex()
+    ]
     if bad:
-        raise WeightsError(f"{where}: entries that are not str -> tensor: {', '.join(map(repr, bad[:5]))}")
+        raise WeightsError(
+            f"{where}: entries that are not str -> real tensor: {', '.join(repr(k)[:80] for k in bad[:5])}"
+        )
     state = OrderedDict(
         (k, v.float() if v.is_floating_point() and v.dtype != torch.float32 else v)
         for k, v in _strip_prefixes(obj).items()
     )
     return state, info
+
+
+def _stored_network(where: str, config: Any) -> dict[str, Any]:
+    """``name`` and ``num_features`` from a facems checkpoint's stored config (those it has).
+
+    Raises:
+        WeightsError: the config, or its ``model`` section, is there but not a mapping, or holds a name
+            that is not a string or an embedding size that is not a positive int.
+    """
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise WeightsError(
+            f"{where}: the checkpoint's config is a {type(config).__name__}, expected a mapping"
+        )
+    model_cfg = config.get("model")
+    if model_cfg is None:
+        return {}
+    if not isinstance(model_cfg, Mapping):
+        raise WeightsError(
+            f"{where}: the checkpoint's config 'model' is a {type(model_cfg).__name__}, expected a mapping"
+        )
+    info = {k: model_cfg[k] for k in ("name", "num_features") if k in model_cfg}
+    if "name" in info and not isinstance(info["name"], str):
+        raise WeightsError(f"{where}: config model.name: expected a model name, got {info['name']!r:.80}")
+    n = info.get("num_features", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise WeightsError(f"{where}: config model.num_features: expected a positive int, got {n!r:.80}")
+    return info
 
 
 def infer_network(state: Mapping[str, torch.Tensor], where: str = "state_dict") -> tuple[str, int]:
@@ -131,6 +165,8 @@ def infer_network(state: Mapping[str, torch.Tensor], where: str = "state_dict") 
         raise WeightsError(
             f"{where}: iResNet with {'/'.join(map(str, blocks))} blocks per stage; known: {known}"
         )
+    if state["conv1.weight"].dim() != 4 or ("fc.weight" in state and state["fc.weight"].dim() != 2):
+        raise WeightsError(f"{where}: 'conv1.weight' is not 4-D or 'fc.weight' is not 2-D: not an iResNet")
     width = int(state["conv1.weight"].shape[0])
     fc_in = int(state["fc.weight"].shape[1]) if "fc.weight" in state else 0
     if name == "iresnet18" and width == 16:
@@ -183,8 +219,10 @@ def open_backbone(
         num_features = num_features or inferred_features
     try:
         model = create_model(name, num_features=num_features)
-    except ValueError as e:
-        raise WeightsError(f"{where}: {e}") from None
+    except (ValueError, TypeError, RuntimeError) as e:  # unknown name; a size the layers refuse
+        raise WeightsError(
+            f"{where}: cannot build {name!r:.80} with num_features={num_features!r:.80}: {e}"
+        ) from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -161,48 +162,71 @@ def _read_bytes(path: PathLike) -> bytes:
     return data
 
 
-def _lines(data: bytes) -> list[bytes]:
-    """The lines of a text file (a final newline does not start another line)."""
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
+# The meta files are read as numpy's text reader reads them: UTF-8, lines ending in \n, \r\n or \r,
+# fields separated by any Unicode whitespace. The per-line checks below split the same way, so that
+# the names and the numbers of a line always come from the same fields.
+_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
+_INT_TOKEN = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TOKEN = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_INT64_MIN, _INT64_END = -(2**63), 2**63
+
+
+def _decode(path: str, data: bytes) -> str:
+    """The file as UTF-8 text; a byte that is not UTF-8 is an error naming its line and offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = len(_LINE_BREAK_BYTES.findall(data, 0, e.start)) + 1
+        raise IJBMetaError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start})"
+        ) from None
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a text file (a final line break does not start another line)."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
         lines.pop()
     return lines
 
 
-def _is_int(token: bytes, non_negative: bool = True) -> bool:
-    try:
-        v = int(token)
-    except ValueError:
+def _is_int(token: str | bytes, non_negative: bool = True) -> bool:
+    """An ASCII decimal integer (optional sign) that fits int64, as numpy's reader accepts them."""
+    if isinstance(token, bytes):
+        token = token.decode("ascii", "replace")
+    if len(token) > 20 or _INT_TOKEN.fullmatch(token) is None:  # int64 has 19 digits
         return False
-    return v >= 0 or not non_negative
+    v = int(token)
+    return (0 if non_negative else _INT64_MIN) <= v < _INT64_END
 
 
-def _is_float(token: bytes) -> bool:
-    try:
-        return math.isfinite(float(token))
-    except ValueError:
-        return False
+def _is_float(token: str) -> bool:
+    """An ASCII decimal number with a finite value."""
+    return _FLOAT_TOKEN.fullmatch(token) is not None and math.isfinite(float(token))
 
 
-def _raise_at_bad_line(
-    path: str, lines: Sequence[bytes], check: Callable[[list[bytes]], str | None]
-) -> NoReturn:
+def _raise_at_bad_line(path: str, lines: Sequence[str], check: Callable[[list[str]], str | None]) -> NoReturn:
     """Find the first line that ``check`` rejects and raise naming the file and the line number."""
+    blank = True
     for k, line in enumerate(lines):
         fields = line.split()
+        blank = blank and not fields
         problem = check(fields) if fields else None  # blank lines are skipped by the readers
         if problem is not None:
-            shown = line.decode("utf-8", "replace").rstrip("\r")
-            raise IJBMetaError(f"{path}:{k + 1}: {problem}, got {shown[:120]!r}")
+            raise IJBMetaError(f"{path}:{k + 1}: {problem}, got {line[:120]!r}")
+    if blank:
+        raise IJBMetaError(f"{path}: no data lines (only blank lines)")
     raise IJBMetaError(f"{path}: the file does not parse (no single line is at fault)")
 
 
-def _check_pair_line(fields: list[bytes]) -> str | None:
+def _check_pair_line(fields: list[str]) -> str | None:
     if len(fields) != 3:
         return f"expected 3 fields 't1 t2 label', found {len(fields)}"
     if not (_is_int(fields[0]) and _is_int(fields[1])):
         return "expected non-negative integer template ids"
-    if fields[2] not in (b"0", b"1"):
+    if not (_is_int(fields[2]) and int(fields[2]) in (0, 1)):
         return "expected a label of 0 or 1"
     return None
 
@@ -231,32 +255,37 @@ def read_template_pair_list(path: PathLike) -> tuple[np.ndarray, np.ndarray, np.
         labels = table[:, 2]
         if table.min() >= 0 and bool(np.all((labels == 0) | (labels == 1))):
             return np.ascontiguousarray(table[:, 0]), np.ascontiguousarray(table[:, 1]), labels == 1
-    _raise_at_bad_line(where, _lines(_read_bytes(where)), _check_pair_line)
+    _raise_at_bad_line(where, _lines(_decode(where, _read_bytes(where))), _check_pair_line)
 
 
 def _name_first_table(
-    path: str, data: bytes, ncols: int, what: str, field_ok: Callable[[bytes], bool], dtype: type
+    path: str, data: bytes, ncols: int, what: str, field_ok: Callable[[str], bool], dtype: type
 ) -> tuple[list[str], np.ndarray]:
     """Lines of ``name v1 .. v{ncols-1}``: the names and the (n, ncols - 1) values."""
-    lines = _lines(data)
+    lines = _lines(_decode(path, data))
 
-    def check(fields: list[bytes]) -> str | None:
+    def check(fields: list[str]) -> str | None:
         if len(fields) != ncols:
             return f"expected {ncols} fields '{what}', found {len(fields)}"
         bad = [f for f in fields[1:] if not field_ok(f)]
-        return f"expected {what}; {bad[0].decode('utf-8', 'replace')!r} is not valid" if bad else None
+        return f"expected {what}; {bad[0][:40]!r} is not valid" if bad else None
 
     names: list[str] = []
+    numbers: list[str] = []
     for line in lines:
         fields = line.split()
         if len(fields) != ncols:
             if not fields:
                 continue  # blank lines are skipped (np.loadtxt and pandas skip them too)
             _raise_at_bad_line(path, lines, check)
-        names.append(fields[0].decode("utf-8"))
+        names.append(fields[0])
+        numbers.append(" ".join(fields[1:]))
+    if not names:
+        _raise_at_bad_line(path, lines, check)
     try:
-        # numpy's C reader (faster than np.fromstring on these files); the loop above counted fields.
-        table: np.ndarray = np.loadtxt(path, dtype=dtype, usecols=range(1, ncols), comments=None, ndmin=2)
+        # numpy's C reader converts the numbers of the fields split above (never the names, which
+        # may hold characters numpy would split on).
+        table: np.ndarray = np.loadtxt(numbers, dtype=dtype, comments=None, ndmin=2)
     except ValueError:
         _raise_at_bad_line(path, lines, check)
     if table.shape != (len(names), ncols - 1):
@@ -310,10 +339,12 @@ def read_template_subject_list(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
 
     Raises:
         IJBMetaError: missing/empty file, a header that does not start with TEMPLATE_ID,SUBJECT_ID, a
-            row without two integers, or a template listed with two different subjects.
+            row without two integers (int64), or a template listed with two different subjects.
     """
     where = os.fspath(path)
-    lines = _lines(_read_bytes(where))
+    lines = _read_bytes(where).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
     first = lines[0].removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace")  # a UTF-8 BOM is allowed
     if [h.strip().upper() for h in first.split(",")][:2] != ["TEMPLATE_ID", "SUBJECT_ID"]:
         raise IJBMetaError(
@@ -329,9 +360,11 @@ def read_template_subject_list(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
         if len(cells) < 2 or not (
             _is_int(cells[0].strip()) and _is_int(cells[1].strip(), non_negative=False)
         ):
-            shown = line[:80].decode("utf-8", "replace").rstrip("\r")
-            raise IJBMetaError(f"{where}:{k}: expected TEMPLATE_ID,SUBJECT_ID integers, got {shown!r}")
-        t, s = int(cells[0]), int(cells[1])
+            shown = line[:80].decode("utf-8", "replace")
+            raise IJBMetaError(
+                f"{where}:{k}: expected TEMPLATE_ID,SUBJECT_ID integers (int64), got {shown!r}"
+            )
+        t, s = int(cells[0].strip()), int(cells[1].strip())
         seen = first_subject.setdefault(t, (s, k))
         if seen[0] != s:
             raise IJBMetaError(

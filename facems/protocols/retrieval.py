@@ -23,9 +23,13 @@ own neighbours).
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import os
 import re
+import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,27 +156,48 @@ def _first_existing(candidates: Sequence[str], what: str) -> str:
     raise FileNotFoundError(f"{what}: none of {', '.join(candidates)} exists")
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
 def _int_field(path: str, line_no: int, name: str, text: str) -> int:
+    """An ASCII decimal integer that fits int64 (ids and labels end up in int64 arrays)."""
+    if len(text) > 20 or _INT_TEXT.fullmatch(text) is None or not -(2**63) <= int(text) < 2**63:
+        raise RetrievalFormatError(
+            f"{path}:{line_no}: {name} {text[:40]!r} is not an integer (ASCII digits, 64-bit)"
+        )
+    return int(text)
+
+
+def _read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (ending in \\n, \\r\\n or \\r, as Python's text mode reads them)."""
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        return int(text)
-    except ValueError:
-        raise RetrievalFormatError(f"{path}:{line_no}: {name} {text!r} is not an integer") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = data[: e.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+        raise RetrievalFormatError(
+            f"{path}:{line_no}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start})"
+        ) from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _read_rows(path: str, num_fields: int, skip: int = 0) -> list[tuple[int, list[str]]]:
     """Non-empty lines after the first ``skip``, split on whitespace, each with exactly ``num_fields`` fields."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line_no <= skip or not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != num_fields:
-                raise RetrievalFormatError(
-                    f"{path}:{line_no}: expected {num_fields} whitespace-separated fields, got {len(parts)}: "
-                    f"{line.rstrip()!r}"
-                )
-            rows.append((line_no, parts))
+    for line_no, line in enumerate(_read_lines(path), start=1):
+        if line_no <= skip or not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != num_fields:
+            raise RetrievalFormatError(
+                f"{path}:{line_no}: expected {num_fields} whitespace-separated fields, got {len(parts)}: "
+                f"{line.rstrip()[:120]!r}"
+            )
+        rows.append((line_no, parts))
     if not rows:
         raise RetrievalFormatError(f"{path}: no entries")
     return rows
@@ -234,19 +259,236 @@ def read_cub(root: str) -> RetrievalDataset:
     return RetrievalDataset("cub", os.path.abspath(base), train, test, None, RECALL_KS["cub"])
 
 
+# MAT-file v5 (the format of cars_annos.mat) as scipy reads it: a 128-byte header, then data elements,
+# each a tag (type, byte count) and its data padded to 8 bytes, or a "small" element whose type and
+# count share the first tag word and whose data fills the second. scipy's Cython reader looks element
+# types up in a C table without a bounds check and reads on past the end of a matrix that holds fewer
+# elements than its class and flags announce, so a damaged file can crash the interpreter. The walk
+# below checks, before scipy runs, everything that reader trusts.
+_MI_INT8, _MI_INT32, _MI_UINT32, _MI_MATRIX, _MI_COMPRESSED = 1, 5, 6, 14, 15
+_MI_NUMERIC = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13})
+_MI_TEXT = frozenset({16, 17, 18})  # UTF-8/16/32 character data
+# Array classes: 1 cell, 2 struct, 3 object, 4 char, 5 sparse, 6-15 numeric; function handles (16) and
+# opaque objects (17) do not occur in the annotation files and are refused.
+_MX_CELL, _MX_STRUCT, _MX_OBJECT, _MX_CHAR, _MX_SPARSE, _MX_LAST_NUMERIC = 1, 2, 3, 4, 5, 15
+_MX_COMPLEX_FLAG = 0x800
+_MAX_INFLATED_BYTES = 1 << 28
+
+_MatElement = tuple[int, int, int, int]  # offset, type, data offset, byte count
+
+
+def _mat_elements(path: str, order: str, buf: bytes, pos: int, end: int, where: str) -> list[_MatElement]:
+    """The data elements in ``buf[pos:end]``; each must fit in that range."""
+    out = []
+    while pos < end:
+        if pos + 8 > end:
+            raise RetrievalFormatError(f"{path}: truncated MAT data element at byte offset {pos}{where}")
+        word, size = struct.unpack_from(order + "II", buf, pos)
+        small = word >> 16
+        mdtype, body, size = (word & 0xFFFF, pos + 4, small) if small else (word, pos + 8, size)
+        if small and (size > 4 or mdtype not in _MI_NUMERIC | _MI_TEXT):
+            raise RetrievalFormatError(f"{path}: bad small MAT data element at byte offset {pos}{where}")
+        if body + size > end:
+            raise RetrievalFormatError(
+                f"{path}: MAT data element of {size} bytes at byte offset {pos}{where} runs past its container"
+            )
+        out.append((pos, mdtype, body, size))
+        if small:  # tag and data share 8 bytes
+            pos += 8
+        elif mdtype == _MI_COMPRESSED:  # not padded
+            pos = body + size
+        else:
+            pos = body + size + (-size % 8)
+    return out
+
+
+def _mat_error(
+    path: str, elements: list[_MatElement], k: int, start: int, where: str, problem: str
+) -> RetrievalFormatError:
+    at = elements[k][0] if k < len(elements) else start
+    return RetrievalFormatError(f"{path}: {problem} at byte offset {at}{where}")
+
+
+def _check_mat5_elements(path: str, data: bytes) -> None:
+    """Check every data element of a MAT-file v5 before scipy parses it.
+
+    Refuses unknown element types, elements running past their container, matrices whose flags,
+    dimensions, name or contents do not have the types and the number of elements their class and
+    flags call for, arrays with more elements than their bytes could hold (sparse excepted), and
+    compressed data that does not inflate or inflates past 256 MiB in all. Files that are not v5
+    (v4, v7.3) are left to scipy's own checks.
+
+    Raises:
+        RetrievalFormatError: naming the file and the byte offset of the bad element.
+    """
+    if (
+        len(data) < 128
+        or data[126:128] not in (b"IM", b"MI")
+        or data[124:126] not in (b"\x00\x01", b"\x01\x00")
+    ):
+        return
+    order = "<" if data[126:128] == b"IM" else ">"
+    inflated = 0
+    # (buffer, start, end, holds a matrix body, file offset of the compressed element it came from)
+    todo: list[tuple[bytes, int, int, bool, int | None]] = [(data, 128, len(data), False, None)]
+    while todo:
+        buf, start, end, matrix, origin = todo.pop()
+        where = "" if origin is None else f" of the data compressed at byte offset {origin}"
+        elements = _mat_elements(path, order, buf, start, end, where)
+        if not matrix:  # top level (or inflated data): variables
+            for k, (pos, mdtype, body, size) in enumerate(elements):
+                if mdtype == _MI_MATRIX:
+                    todo.append((buf, body, body + size, True, origin))
+                    continue
+                if mdtype != _MI_COMPRESSED:
+                    raise _mat_error(
+                        path,
+                        elements,
+                        k,
+                        start,
+                        where,
+                        f"MAT data element of type {mdtype} where a variable was expected",
+                    )
+                try:
+                    out = zlib.decompressobj().decompress(
+                        buf[body : body + size], _MAX_INFLATED_BYTES - inflated + 1
+                    )
+                except zlib.error as e:
+                    raise _mat_error(
+                        path, elements, k, start, where, f"compressed MAT element does not inflate ({e})"
+                    ) from None
+                inflated += len(out)
+                if inflated > _MAX_INFLATED_BYTES:
+                    raise _mat_error(
+                        path,
+                        elements,
+                        k,
+                        start,
+                        where,
+                        f"compressed MAT elements inflate past {_MAX_INFLATED_BYTES} bytes",
+                    )
+                todo.append((out, 0, len(out), False, pos if origin is None else origin))
+            continue
+        if not elements:  # an empty matrix
+            continue
+        types = [e[1] for e in elements]
+        if len(elements) < 3 or types[:3] != [_MI_UINT32, _MI_INT32, _MI_INT8] or elements[0][3] != 8:
+            raise _mat_error(
+                path,
+                elements,
+                0,
+                start,
+                where,
+                "MAT matrix does not start with array flags (8 bytes), dimensions and name",
+            )
+        flags = struct.unpack_from(order + "I", buf, elements[0][2])[0]
+        mx_class, complex_ = flags & 0xFF, bool(flags & _MX_COMPLEX_FLAG)
+        dims_at, dims_size = elements[1][2], elements[1][3]
+        dims = struct.unpack_from(f"{order}{dims_size // 4}i", buf, dims_at)
+        count = 1
+        for d in dims:
+            count *= d
+        if dims_size % 4 or not dims or min(dims) < 0:
+            raise _mat_error(
+                path,
+                elements,
+                1,
+                start,
+                where,
+                f"MAT array dimensions {list(dims)[:8]} are not non-negative int32 values",
+            )
+        if mx_class != _MX_SPARSE and count > end - start + (1 << 20):
+            raise _mat_error(
+                path,
+                elements,
+                1,
+                start,
+                where,
+                f"MAT array dimensions {list(dims)[:8]} hold more elements than its {end - start} bytes could",
+            )
+        first = 3  # the first element after the name
+        if mx_class == _MX_OBJECT:  # a class name, then as a struct
+            if types[3:4] != [_MI_INT8]:
+                raise _mat_error(path, elements, 3, start, where, "MAT object without a class name")
+            first = 4
+        if mx_class in (_MX_STRUCT, _MX_OBJECT):  # field name length, field names, then the fields
+            if types[first : first + 2] != [_MI_INT32, _MI_INT8] or elements[first][3] != 4:
+                raise _mat_error(
+                    path,
+                    elements,
+                    first,
+                    start,
+                    where,
+                    "MAT struct without field name length and field names",
+                )
+            name_len = struct.unpack_from(order + "i", buf, elements[first][2])[0]
+            names_size = elements[first + 1][3]
+            if name_len <= 0 or names_size % name_len:
+                raise _mat_error(
+                    path,
+                    elements,
+                    first,
+                    start,
+                    where,
+                    f"MAT struct field name length {name_len} does not divide {names_size} bytes",
+                )
+            first += 2
+            allowed, wanted = frozenset({_MI_MATRIX}), count * (names_size // name_len)
+        elif mx_class == _MX_CELL:
+            allowed, wanted = frozenset({_MI_MATRIX}), count
+        elif mx_class == _MX_CHAR:
+            allowed, wanted = _MI_NUMERIC | _MI_TEXT, 1
+        elif (
+            mx_class == _MX_SPARSE or 6 <= mx_class <= _MX_LAST_NUMERIC
+        ):  # (row indices, column starts,) values
+            allowed, wanted = _MI_NUMERIC, (3 if mx_class == _MX_SPARSE else 1) + complex_
+        else:
+            kind = (
+                " (a function handle or opaque object, e.g. a MATLAB string)" if mx_class in (16, 17) else ""
+            )
+            raise _mat_error(path, elements, 0, start, where, f"unsupported MAT array class {mx_class}{kind}")
+        if len(elements) - first != wanted:
+            raise _mat_error(
+                path,
+                elements,
+                first,
+                start,
+                where,
+                f"MAT array of class {mx_class} holds {len(elements) - first} elements, its header calls for {wanted}",
+            )
+        for k in range(first, len(elements)):
+            if types[k] not in allowed:
+                raise _mat_error(
+                    path,
+                    elements,
+                    k,
+                    start,
+                    where,
+                    f"MAT data element of type {types[k]} in an array of class {mx_class}",
+                )
+            if types[k] == _MI_MATRIX:
+                body, size = elements[k][2:]
+                todo.append((buf, body, body + size, True, origin))
+
+
 def read_cars(root: str) -> RetrievalDataset:
     """Cars196 from ``cars_annos.mat`` (in ``root``); split by class (1-98 / 99-196), not by its test flag.
 
     Raises:
         FileNotFoundError: the file is missing.
-        RetrievalFormatError: no ``annotations`` struct array, a missing field, or a record whose path or
-            class is not readable (record index named), class ids that are not ``1..C``.
+        RetrievalFormatError: a damaged MAT-file (checked element by element before scipy reads it, so
+            that it cannot crash the interpreter; the byte offset is named), no ``annotations`` struct
+            array, a missing field, or a record whose path or class is not readable (record index
+            named), class ids that are not ``1..C``.
     """
     import scipy.io  # scikit-learn's dependency; imported here to keep the module import light
 
     mat_path = _first_existing([os.path.join(root, "cars_annos.mat")], "Cars196 annotations")
+    with open(mat_path, "rb") as f:
+        raw = f.read()
+    _check_mat5_elements(mat_path, raw)
     try:
-        mat = scipy.io.loadmat(mat_path, squeeze_me=True)
+        mat = scipy.io.loadmat(io.BytesIO(raw), squeeze_me=True)
     except Exception as e:  # scipy raises ValueError, IndexError, TypeError, ... on a damaged file
         raise RetrievalFormatError(f"{mat_path}: not a readable MATLAB file: {e}") from None
     ann = mat.get("annotations")
@@ -271,9 +513,9 @@ def read_cars(root: str) -> RetrievalDataset:
             value = float(cls)
         except (TypeError, ValueError):
             raise RetrievalFormatError(
-                f"{mat_path}: annotations[{i}].class: expected an integer, got {cls!r}"
+                f"{mat_path}: annotations[{i}].class: expected an integer, got {cls!r:.80}"
             ) from None
-        if value != int(value):
+        if not (math.isfinite(value) and -(2**63) <= value < 2**63) or value != int(value):
             raise RetrievalFormatError(
                 f"{mat_path}: annotations[{i}].class: expected an integer, got {value}"
             )
@@ -284,11 +526,11 @@ def read_cars(root: str) -> RetrievalDataset:
 
 
 def _read_ebay(path: str, base: str) -> RetrievalSplit:
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().split()
+    lines = _read_lines(path)
+    header = lines[0].split() if lines else []
     if header != ["image_id", "class_id", "super_class_id", "path"]:
         raise RetrievalFormatError(
-            f"{path}:1: expected the header 'image_id class_id super_class_id path', got {' '.join(header)!r}"
+            f"{path}:1: expected the header 'image_id class_id super_class_id path', got {' '.join(header)[:120]!r}"
         )
     paths, labels = [], []
     for line_no, (_, class_id, _, rel) in _read_rows(path, 4, skip=1):
@@ -319,7 +561,7 @@ def read_sop(root: str) -> RetrievalDataset:
     )
 
 
-_ITEM_ID = re.compile(r"id_(\d+)")
+_ITEM_ID = re.compile(r"id_([0-9]{1,19})")
 
 
 def read_inshop(root: str) -> RetrievalDataset:
@@ -339,12 +581,13 @@ def read_inshop(root: str) -> RetrievalDataset:
         ],
         "In-Shop partition list",
     )
-    with open(list_txt, encoding="utf-8") as f:
-        count_line, header = f.readline().strip(), f.readline().split()
+    lines = _read_lines(list_txt)
+    count_line = lines[0].strip() if lines else ""
+    header = lines[1].split() if len(lines) > 1 else []
     count = _int_field(list_txt, 1, "image count", count_line)
     if header != ["image_name", "item_id", "evaluation_status"]:
         raise RetrievalFormatError(
-            f"{list_txt}:2: expected the header 'image_name item_id evaluation_status', got {' '.join(header)!r}"
+            f"{list_txt}:2: expected the header 'image_name item_id evaluation_status', got {' '.join(header)[:120]!r}"
         )
     base = root
     if not os.path.isdir(os.path.join(root, "img")) and os.path.isdir(os.path.join(root, "Img", "img")):
@@ -353,9 +596,9 @@ def read_inshop(root: str) -> RetrievalDataset:
     rows = _read_rows(list_txt, 3, skip=2)
     for line_no, (rel, item, status) in rows:
         m = _ITEM_ID.fullmatch(item)
-        if m is None:
+        if m is None or int(m.group(1)) >= 2**63:
             raise RetrievalFormatError(
-                f"{list_txt}:{line_no}: item_id {item!r} is not of the form id_<digits>"
+                f"{list_txt}:{line_no}: item_id {item[:40]!r} is not of the form id_<digits> (a 64-bit integer)"
             )
         if status not in parts:
             raise RetrievalFormatError(
