@@ -454,15 +454,19 @@ def read_ijb_meta(image_path: PathLike, target: str = "IJBC") -> IJBMeta:
     paths = meta_paths(image_path, target)
     names, templates, medias = read_face_tid_mid(paths["face_tid_mid"])
     lmk_names, landmarks, scores = read_name_5pts_score(paths["name_5pts_score"])
-    if len(lmk_names) != len(names):
-        raise IJBMetaError(
-            f"{paths['name_5pts_score']}: {len(lmk_names)} faces, but {paths['face_tid_mid']} lists {len(names)}"
-        )
-    if lmk_names != names:
+    if lmk_names != names and any(a != b for a, b in zip(names, lmk_names)):
         first = next(i for i, (a, b) in enumerate(zip(names, lmk_names)) if a != b)
         raise IJBMetaError(
             f"{paths['name_5pts_score']}:{first + 1}: image {lmk_names[first]!r}, but line {first + 1} of "
             f"{paths['face_tid_mid']} is {names[first]!r} (the two files must list the faces in the same order)"
+        )
+    if len(lmk_names) != len(names):
+        common = min(len(names), len(lmk_names))
+        longer = paths["face_tid_mid"] if len(names) > common else paths["name_5pts_score"]
+        extra = (names if len(names) > common else lmk_names)[common]
+        raise IJBMetaError(
+            f"{paths['name_5pts_score']}: {len(lmk_names)} faces, but {paths['face_tid_mid']} lists "
+            f"{len(names)}: face {common + 1} ({extra!r}) is only in {longer}"
         )
     t1, t2, labels = read_template_pair_list(paths["template_pair_label"])
     known = np.unique(templates)

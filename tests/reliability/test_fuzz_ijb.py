@@ -404,9 +404,8 @@ def test_release_folder_with_one_broken_file(tmp_path: Path, data: st.DataObject
         event("refused")
         message = str(e)
         assert any(message.startswith(p) for p in paths.values()), message
-        assert re.search(r":\d+: |empty|no data lines|no rows after the header|has no face in", message), (
-            message
-        )
+        place = r":\d+: |empty|no data lines|no rows after the header|has no face in|: face \d+ \("
+        assert re.search(place, message), message
         assert not valid, f"refused a valid release: {message}"
     else:
         event("read")
@@ -459,3 +458,20 @@ def test_every_listed_value_in_a_number_column(tmp_path: Path, reader: str, valu
             assert got[1].tolist() == [t2 for _, t2, _ in expected]
         else:
             assert got[1].tolist() == [s for _, s in expected]
+
+
+def test_face_files_of_different_lengths_name_the_first_unmatched_face(tmp_path: Path) -> None:
+    """Found by the release-folder property: the count mismatch named no face."""
+    files = {
+        k: v.encode()
+        for k, v in {"face_tid_mid": "a.jpg 1 1\nb.jpg 1 1\n", "template_pair_label": "1 1 1\n"}.items()
+    }
+    files["name_5pts_score"] = ("a.jpg " + "1 " * 11 + "\n").encode()
+    paths = meta_paths(tmp_path, "IJBC")
+    Path(paths["face_tid_mid"]).parent.mkdir()
+    for key, raw in files.items():
+        Path(paths[key]).write_bytes(raw)
+    with pytest.raises(
+        IJBMetaError, match=r"1 faces, but .* lists 2: face 2 \('b\.jpg'\) is only in .*face_tid_mid"
+    ):
+        read_ijb_meta(tmp_path, "IJBC")
