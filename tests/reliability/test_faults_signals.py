@@ -23,28 +23,12 @@ from facems.config import load_config
 from facems.data.loader import build_face_loader
 from facems.data.synthetic import SyntheticFaces
 from facems.data.synthetic_release import write_train_pack
+from facems.testing import tiny_run_overrides
 from facems.train.checkpoint import CheckpointManager
 from facems.train.distributed import init_distributed
 from facems.train.loop import Trainer, TrainingInterrupted
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
-
-COMMON = [
-    "data.val_targets=[]",
-    "data.p=3",
-    "data.k=2",
-    "data.pin_memory=false",
-    "model.name=iresnet_tiny_s2",
-    "model.num_features=32",
-    "optim.lr=0.05",
-    "optim.grad_clip=5.0",
-    "schedule.epochs=2",
-    "train.deterministic=true",
-    "train.precision=fp32",
-    "eval.every_steps=0",
-    "log.every_steps=1",
-    "log.tensorboard=false",
-]
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +40,9 @@ def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def trainer(root: Path, out: Path, max_steps: int) -> Trainer:
     """iresnet_tiny_s2, P x K = 3 x 2 on one process (8 steps per epoch), checkpoints every 3 steps."""
-    overrides = [
-        "name=signals",
-        f"data.root={root}",
-        f"train.output_dir={out}",
-        "data.num_workers=0",
-        "train.checkpoint_every=3",
-        f"train.max_steps={max_steps}",
-        *COMMON,
-    ]
+    overrides = tiny_run_overrides(
+        "signals", root, out, "train.checkpoint_every=3", f"train.max_steps={max_steps}"
+    )
     return Trainer(load_config(None, overrides), init_distributed("cpu"))
 
 
@@ -138,14 +116,14 @@ def test_loader_workers_survive_a_signal_to_the_process_group(pack: Path, tmp_pa
 def start(root: Path, out: Path, max_steps: int) -> subprocess.Popen[str]:
     """``python scripts/train.py`` in its own process group (so that a group signal reaches only it)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    args = [
-        f"data.root={root}",
-        f"train.output_dir={out}",
+    args = tiny_run_overrides(
+        "signals",
+        root,
+        out,
         "data.num_workers=1",  # a loader worker process, which must survive a signal to the group
         "train.checkpoint_every=2",
         f"train.max_steps={max_steps}",
-        *COMMON,
-    ]
+    )
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), "--device", "cpu", *args],
         stdout=subprocess.DEVNULL,

@@ -19,6 +19,7 @@ import torch
 
 from facems.data.synthetic import SyntheticFaces
 from facems.data.synthetic_release import write_train_pack
+from facems.testing import tiny_run_overrides
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
 
@@ -51,26 +52,16 @@ def train_args(root: Path, out: Path) -> list[str]:
         str(SCRIPT),
         "--device",
         "cpu",
-        f"data.root={root}",
-        f"train.output_dir={out}",
-        "data.val_targets=[]",
-        "data.p=2",
-        "data.k=2",
-        "data.num_workers=0",
-        "data.pin_memory=false",
-        "model.name=iresnet_tiny_s2",
-        "model.num_features=32",
-        "optim.lr=0.05",
-        "optim.grad_clip=5.0",
-        "schedule.epochs=2",
-        "schedule.warmup_epochs=0.5",
-        "train.deterministic=true",
-        "train.precision=fp32",
-        "train.checkpoint_every=4",
-        "train.max_steps=10",
-        "eval.every_steps=0",
-        "log.every_steps=100",
-        "log.tensorboard=false",
+        *tiny_run_overrides(
+            "torchrun_faults",
+            root,
+            out,
+            "data.p=2",
+            "schedule.warmup_epochs=0.5",
+            "train.checkpoint_every=4",
+            "train.max_steps=10",
+            "log.every_steps=100",
+        ),
     ]
 
 
