@@ -4,6 +4,8 @@
     torchrun --standalone --nproc_per_node=2 scripts/bench_train.py --model iresnet_tiny --batch 32
     torchrun --standalone --nproc_per_node=8 scripts/bench_train.py --model iresnet50 --batch 128 \\
         --precision bf16 --compile-both          # GPUs: with and without torch.compile
+    python scripts/bench_train.py --model iresnet50 --batch 128 --precision fp16 --loss arcface
+                                                 # arcface_torch's workload on the same card
 
 Each step: host uint8 P x K batch -> device, random flip of half the images, (x/255-0.5)/0.5,
 channels_last (data); backbone under autocast + MS loss across ranks (forward); backward (with the
@@ -17,6 +19,7 @@ The library side is facems.train.bench.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -25,7 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from facems.train.bench import PRECISIONS, BenchResult, bench_train, format_table
+from facems.train.bench import BENCH_LOSSES, PRECISIONS, BenchResult, bench_train, format_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +37,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="images per rank per step (P x K)")
     p.add_argument("--k", type=int, default=4, help="images per identity")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    p.add_argument(
+        "--loss",
+        nargs="+",
+        default=["ms"],
+        choices=BENCH_LOSSES,
+        help="ms: facems's step; arcface: insightface arcface_torch's workload (backbone + ArcFace FC)",
+    )
+    p.add_argument(
+        "--num-classes", type=int, default=85742, help="classes of the ArcFace layer (MS1MV2: 85742)"
+    )
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
     p.add_argument("--compile-both", action="store_true", help="run with and without torch.compile")
@@ -69,24 +82,25 @@ def main(argv: list[str] | None = None) -> None:
     compiles = [False, True] if args.compile_both else [args.compile]
     rows: list[BenchResult] = []
     try:
-        for precision in args.precision:
-            for compiled in compiles:
-                rows.append(
-                    bench_train(
-                        model=args.model,
-                        batch=args.batch,
-                        k=args.k,
-                        precision=precision,
-                        channels_last=args.channels_last,
-                        compile=compiled,
-                        steps=args.steps,
-                        warmup=args.warmup,
-                        device=device,
-                        seed=args.seed,
-                    )
+        for objective, precision, compiled in itertools.product(args.loss, args.precision, compiles):
+            rows.append(
+                bench_train(
+                    model=args.model,
+                    batch=args.batch,
+                    k=args.k,
+                    precision=precision,
+                    channels_last=args.channels_last,
+                    compile=compiled,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    device=device,
+                    seed=args.seed,
+                    loss=objective,
+                    num_classes=args.num_classes,
                 )
-                if rank == 0:
-                    print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            )
+            if rank == 0:
+                print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -12,6 +12,12 @@ synchronised before and after:
   all-reduce;
 - ``optimizer``: SGD with momentum 0.9 (:func:`facems.train.build_optimizer`) and zeroing the gradients.
 
+``loss="arcface"`` times the workload of insightface's arcface_torch instead, for a like-for-like
+comparison on the same card: the same backbone followed by an ArcFace margin-softmax classification
+layer over ``num_classes`` identities (:class:`facems.losses.MarginHead`, s = 64, m = 0.5; 85,742 is
+MS1MV2's count; a single GPU holds all the classes, as arcface_torch's partial FC with sample rate 1
+does), trained with the same SGD. Labels are then drawn at random from the classes.
+
 The batches are random pixels with P x K labels (K images per identity, distinct identities per
 rank), prepared before timing, so no decoding or disk is involved: this measures the model, the
 loss and the optimizer, i.e. the ceiling the data pipeline has to feed. Throughput counts the images
@@ -35,13 +41,14 @@ from torch import nn
 
 from facems.config import OptimConfig
 from facems.data.transforms import normalize_faces
-from facems.losses import CrossRankLoss, MultiSimilarityLoss
+from facems.losses import CrossRankLoss, MarginHead, MultiSimilarityLoss
 from facems.losses.distributed import world_info
 from facems.models import create_model
 from facems.train.loop import tune_cpu_allocator
 from facems.train.optim import build_optimizer
 
 __all__ = [
+    "BENCH_LOSSES",
     "PRECISIONS",
     "BenchResult",
     "bench_train",
@@ -52,6 +59,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+BENCH_LOSSES = ("ms", "arcface")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,6 +83,9 @@ class BenchResult:
             (MiB, largest over the ranks).
         device: the device's name (GPU model, or CPU model and threads per rank).
         loss: the last step's loss (of this rank), to show it stayed finite.
+        objective: ``ms`` (the MS loss over the global batch) or ``arcface`` (the reference workload:
+            an ArcFace classification layer over ``num_classes`` identities).
+        num_classes: classes of the ArcFace layer (0 for ``ms``).
     """
 
     model: str
@@ -93,6 +104,8 @@ class BenchResult:
     peak_memory_mb: float
     device: str
     loss: float
+    objective: str = "ms"
+    num_classes: int = 0
 
     @property
     def ms_step(self) -> float:
@@ -155,6 +168,8 @@ def bench_train(
     warmup: int = 3,
     device: torch.device | str | None = None,
     seed: int = 0,
+    loss: str = "ms",
+    num_classes: int = 85742,
 ) -> BenchResult:
     """Time ``warmup + steps`` training steps of ``model`` on synthetic batches; time the last ``steps``.
 
@@ -173,6 +188,8 @@ def bench_train(
         warmup: untimed steps before them (>= 0).
         device: where to run (None: CUDA if available, else CPU).
         seed: seed of the weights and the synthetic batches.
+        loss: ``ms`` (facems's step) or ``arcface`` (arcface_torch's workload, see the module doc).
+        num_classes: classes of the ArcFace layer (``loss="arcface"`` only).
 
     Returns:
         The measured :class:`BenchResult`.
@@ -183,6 +200,10 @@ def bench_train(
         raise ValueError(f"bench_train: batch = {batch}, k = {k}: expected k >= 1 and batch a multiple of k")
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench_train: steps = {steps}, warmup = {warmup}: expected steps >= 1, warmup >= 0")
+    if loss not in BENCH_LOSSES:
+        raise ValueError(f"bench_train: loss = {loss!r}: expected one of {', '.join(BENCH_LOSSES)}")
+    if loss == "arcface" and num_classes < 1:
+        raise ValueError(f"bench_train: num_classes = {num_classes}: expected >= 1 for loss 'arcface'")
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -201,10 +222,13 @@ def bench_train(
     net.train()
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    optimizer = build_optimizer(net, OptimConfig(name="sgd", lr=0.01, momentum=0.9))
+    head = MarginHead(_embedding_dim(net), num_classes).to(dev) if loss == "arcface" else None
+    params = nn.ModuleList([net] if head is None else [net, head])
+    optimizer = build_optimizer(params, OptimConfig(name="sgd", lr=0.01, momentum=0.9))
     if compile:
         net = torch.compile(net)  # type: ignore[assignment]
-    loss_fn = CrossRankLoss(MultiSimilarityLoss())
+    ms_loss = CrossRankLoss(MultiSimilarityLoss())
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ms_loss if head is None else head
     scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = (
         (lambda: torch.autocast(dev.type, dtype=_AUTOCAST_DTYPES[precision]))
@@ -219,6 +243,8 @@ def bench_train(
         host = [h.pin_memory() for h in host]
     per_rank = batch // k
     labels = (torch.arange(per_rank).repeat_interleave(k) + rank * per_rank).to(dev)
+    if head is not None:
+        labels = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
     flip_gen = torch.Generator(device=dev).manual_seed(seed * 1000 + rank)
 
     totals = [0.0, 0.0, 0.0, 0.0]  # seconds in data, forward, backward, optimizer (timed steps)
@@ -238,13 +264,13 @@ def bench_train(
         t1 = time.perf_counter()
         with autocast():
             emb = net(x)
-        loss = loss_fn(emb.float(), labels)
+        loss_t = loss_fn(emb.float(), labels)
         sync()
         t2 = time.perf_counter()
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(loss_t).backward()
         else:
-            loss.backward()
+            loss_t.backward()
         sync()
         t3 = time.perf_counter()
         if scaler is not None:
@@ -258,7 +284,7 @@ def bench_train(
         if i >= warmup:
             for j, dt in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 totals[j] += dt
-        loss_value = float(loss.detach())
+        loss_value = float(loss_t.detach())
     wall = time.perf_counter() - wall_start
     peak = peak_memory_mb(dev)
 
@@ -287,11 +313,29 @@ def bench_train(
         peak_memory_mb=peak,
         device=device_name(dev),
         loss=loss_value,
+        objective=loss,
+        num_classes=num_classes if head is not None else 0,
     )
+
+
+def _embedding_dim(net: nn.Module) -> int:
+    """The backbone's output width (``num_features``), from the attribute or one dry forward pass."""
+    inner = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    dim = getattr(inner, "num_features", None)
+    if isinstance(dim, int):
+        return dim
+    p = next(inner.parameters())
+    was_training = inner.training
+    inner.eval()
+    with torch.no_grad():
+        dim = int(inner(torch.zeros(1, 3, 112, 112, device=p.device)).shape[1])
+    inner.train(was_training)
+    return dim
 
 
 _COLUMNS = (
     "model",
+    "loss",
     "precision",
     "compile",
     "channels_last",
@@ -314,6 +358,7 @@ def format_table(rows: list[BenchResult]) -> str:
     for r in rows:
         cells = [
             r.model,
+            r.objective if r.objective == "ms" else f"{r.objective} ({r.num_classes} classes)",
             r.precision,
             "yes" if r.compile else "no",
             "yes" if r.channels_last else "no",

@@ -36,11 +36,24 @@ def test_bench_train_one_process_row_is_finite_and_positive() -> None:
     _check_row(r, batch=8, world=1, steps=1)
     assert r.model == "iresnet_tiny" and r.precision == "fp32" and r.channels_last and not r.compile
     table = format_table([r]).splitlines()
-    assert len(table) == 3 and table[0].startswith("| model | precision |")
+    assert len(table) == 3 and table[0].startswith("| model | loss | precision |")
     cells = [c.strip() for c in table[2].strip("|").split("|")]
-    assert cells[:6] == ["iresnet_tiny", "fp32", "no", "yes", "8", "1"]
-    assert float(cells[6]) == pytest.approx(r.images_per_s, abs=0.06)
+    assert cells[:7] == ["iresnet_tiny", "ms", "fp32", "no", "yes", "8", "1"]
+    assert float(cells[7]) == pytest.approx(r.images_per_s, abs=0.06)
     assert "threads/rank" in cells[-1]
+    assert r.objective == "ms" and r.num_classes == 0
+
+
+def test_bench_train_arcface_workload_trains_the_classification_layer() -> None:
+    r = bench_train(
+        "iresnet_tiny", batch=8, k=4, steps=1, warmup=1, device="cpu", loss="arcface", num_classes=37
+    )
+    _check_row(r, batch=8, world=1, steps=1)
+    assert r.objective == "arcface" and r.num_classes == 37
+    # Margin cross-entropy over 37 classes at s = 64 from random weights: far above the MS loss's range.
+    assert r.loss > math.log(37)
+    cells = [c.strip() for c in format_table([r]).splitlines()[2].strip("|").split("|")]
+    assert cells[1] == "arcface (37 classes)"
 
 
 def test_bench_train_rejects_bad_arguments() -> None:
@@ -48,6 +61,10 @@ def test_bench_train_rejects_bad_arguments() -> None:
         bench_train(precision="fp8", device="cpu")
     with pytest.raises(ValueError, match="batch = 10, k = 4"):
         bench_train(batch=10, k=4, device="cpu")
+    with pytest.raises(ValueError, match="loss = 'triplet'"):
+        bench_train(loss="triplet", device="cpu")
+    with pytest.raises(ValueError, match="num_classes = 0"):
+        bench_train(loss="arcface", num_classes=0, device="cpu")
 
 
 def _bench_on_rank(rank: int, world_size: int) -> dict:
