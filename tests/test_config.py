@@ -53,7 +53,7 @@ def test_default_is_synthetic_demo_and_matches_the_brief() -> None:
     assert (cfg.data.p, cfg.data.k) == (8, 8)
     assert cfg.train.precision == "auto"
     assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.003)
-    assert cfg.eval.at_start and cfg.schedule.epochs == 2
+    assert cfg.eval.at_start and cfg.schedule.epochs == 3
     assert cfg.data.root == "data/synthetic"
     assert cfg.train.output_dir == "work_dirs/synthetic_demo"
     # MS loss at the official defaults, not pytorch-metric-learning's beta 50
