@@ -257,7 +257,7 @@ def test_bad_literal_suggests_closest() -> None:
         ("optim.betas=[0.9, 1.0]", "optim.betas"),
         ("optim.grad_clip=0", "optim.grad_clip"),
         ("schedule.epochs=0", "schedule.epochs"),
-        ("schedule.warmup_epochs=2", "schedule.warmup_epochs"),
+        ("schedule.warmup_epochs=3", "schedule.warmup_epochs"),  # = epochs of the default preset
         ("schedule.min_lr=1.0", "schedule.min_lr"),
         ("loss.chunk_size=0", "loss.chunk_size"),
         ("loss.xbm_size=-1", "loss.xbm_size"),
