@@ -49,11 +49,11 @@ def test_default_is_synthetic_demo_and_matches_the_brief() -> None:
     cfg = load_config()
     assert cfg == load_config("synthetic_demo")
     assert cfg.name == "synthetic_demo"
-    assert cfg.model.name == "iresnet_tiny_s2"
+    assert cfg.model.name == "iresnet_nano_s2"
     assert (cfg.data.p, cfg.data.k) == (8, 8)
     assert cfg.train.precision == "auto"
     assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.003)
-    assert cfg.eval.at_start and cfg.schedule.epochs == 3
+    assert cfg.eval.at_start and cfg.schedule.epochs == 6
     assert cfg.data.root == "data/synthetic"
     assert cfg.train.output_dir == "work_dirs/synthetic_demo"
     # MS loss at the official defaults, not pytorch-metric-learning's beta 50
@@ -152,7 +152,7 @@ def test_overrides_of_each_type() -> None:
     assert cfg.train.max_steps == 10
     assert cfg.name == "my_run" and cfg.train.output_dir == "work_dirs/my_run"
     # untouched fields keep the preset's values
-    assert cfg.data.k == 8 and cfg.model.name == "iresnet_tiny_s2"
+    assert cfg.data.k == 8 and cfg.model.name == "iresnet_nano_s2"
 
 
 def test_null_override_and_later_override_wins() -> None:
@@ -257,7 +257,7 @@ def test_bad_literal_suggests_closest() -> None:
         ("optim.betas=[0.9, 1.0]", "optim.betas"),
         ("optim.grad_clip=0", "optim.grad_clip"),
         ("schedule.epochs=0", "schedule.epochs"),
-        ("schedule.warmup_epochs=3", "schedule.warmup_epochs"),  # = epochs of the default preset
+        ("schedule.warmup_epochs=6", "schedule.warmup_epochs"),  # = epochs of the default preset
         ("schedule.min_lr=1.0", "schedule.min_lr"),
         ("loss.chunk_size=0", "loss.chunk_size"),
         ("loss.xbm_size=-1", "loss.xbm_size"),

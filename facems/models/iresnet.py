@@ -33,6 +33,7 @@ __all__ = [
     "iresnet50",
     "iresnet100",
     "iresnet200",
+    "iresnet_nano_s2",
     "iresnet_tiny",
     "iresnet_tiny_s2",
 ]
@@ -251,5 +252,18 @@ def iresnet_tiny_s2(**kwargs: Any) -> IResNet:
     train within minutes on two CPU cores. Not an insightface architecture.
     """
     kwargs.setdefault("width_mult", 0.25)
+    kwargs.setdefault("stem_stride", 2)
+    return IResNet(IBasicBlock, [2, 2, 2, 2], **kwargs)
+
+
+@register_model
+def iresnet_nano_s2(**kwargs: Any) -> IResNet:
+    """:func:`iresnet_tiny_s2` at half its width (stem 8, stages 8/16/32/64, ``fc`` input 64*4*4).
+
+    12 M multiply-adds per image; on the 2-core CPU it trains about 2.3 times as fast as
+    iresnet_tiny_s2 and, step for step, about 2 points of synthetic cplfw behind it, so a CPU run of
+    fixed length gets further with it. Not an insightface architecture.
+    """
+    kwargs.setdefault("width_mult", 0.125)
     kwargs.setdefault("stem_stride", 2)
     return IResNet(IBasicBlock, [2, 2, 2, 2], **kwargs)

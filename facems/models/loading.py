@@ -11,7 +11,7 @@ Accepted files (all read with ``torch.load(weights_only=True)``: nothing in them
 
 The network is read from the keys when no name is given: iResNets by their number of blocks per stage
 (18: 2/2/2/2, 34: 3/4/6/3, 50: 3/4/14/3, 100: 3/13/30/3, 200: 6/26/60/6) and stem width (16 for
-``iresnet_tiny``; ``iresnet_tiny_s2`` by its 4x4 final map), MobileFaceNet (``mbf``) by its ``layers.*`` keys; the embedding size by the last
+``iresnet_tiny``; ``iresnet_tiny_s2`` by its 4x4 final map; 8 for ``iresnet_nano_s2``), MobileFaceNet (``mbf``) by its ``layers.*`` keys; the embedding size by the last
 BatchNorm1d (``features``). Loading is strict: a missing or unexpected key is an error that names them.
 """
 
@@ -171,9 +171,12 @@ def infer_network(state: Mapping[str, torch.Tensor], where: str = "state_dict") 
     fc_in = int(state["fc.weight"].shape[1]) if "fc.weight" in state else 0
     if name == "iresnet18" and width == 16:
         name = "iresnet_tiny_s2" if fc_in == 128 * 4 * 4 else "iresnet_tiny"  # stride-2 stem: 4x4 final map
+    elif name == "iresnet18" and width == 8 and fc_in == 64 * 4 * 4:
+        name = "iresnet_nano_s2"
     elif width != 64:
         raise WeightsError(
-            f"{where}: {name} stages with stem width {width}; expected 64 (16 for iresnet_tiny)"
+            f"{where}: {name} stages with stem width {width}; expected 64 (16 for iresnet_tiny, "
+            "8 for iresnet_nano_s2)"
         )
     return name, num_features
 

@@ -19,10 +19,11 @@ PARAM_COUNTS = {
     "iresnet200": (118_833_920, 118.8e6),
     "iresnet_tiny": (3_914_752, None),
     "iresnet_tiny_s2": (1_752_064, None),  # iresnet_tiny less its fc difference: 128 * (49 - 16) * 512
+    "iresnet_nano_s2": (702_400, None),
 }
 
 # Models cheap enough to run forward + backward on 2 CPU cores; the rest are only constructed.
-RUNNABLE = {"iresnet_tiny", "iresnet_tiny_s2", "iresnet18", "mbf"}
+RUNNABLE = {"iresnet_nano_s2", "iresnet_tiny", "iresnet_tiny_s2", "iresnet18", "mbf"}
 
 
 def _num_params(model: nn.Module) -> int:
@@ -138,6 +139,16 @@ def test_tiny_widths() -> None:
     assert model.fc.in_features == 128 * 7 * 7
     assert model.fc.out_features == 512
     assert iresnet_tiny(num_features=128).fc.out_features == 128
+
+
+def test_nano_s2_is_tiny_s2_at_half_width() -> None:
+    nano, tiny = create_model("iresnet_nano_s2"), create_model("iresnet_tiny_s2")
+    assert nano.conv1.out_channels == 8 and nano.conv1.stride == (2, 2)
+    assert [nano.layer1[0].conv2.out_channels, nano.layer2[0].conv2.out_channels] == [8, 16]
+    assert [nano.layer3[0].conv2.out_channels, nano.layer4[0].conv2.out_channels] == [32, 64]
+    assert nano.fc.in_features == 64 * 4 * 4 and nano.fc.out_features == 512
+    assert list(nano.state_dict()) == list(tiny.state_dict())  # same layout, insightface key names
+    assert nano.eval()(torch.zeros(2, 3, 112, 112)).shape == (2, 512)
 
 
 def test_output_shape_and_dtype(r18: IResNet) -> None:

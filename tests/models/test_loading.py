@@ -116,7 +116,7 @@ def test_facems_model_pt_round_trip_and_checkpoint(tmp_path: Path) -> None:
     assert open_backbone(tmp_path / "checkpoint_gpu_0.pt")[1:] == ("iresnet_tiny", 64)
 
 
-@pytest.mark.parametrize("name", ["mbf", "iresnet_tiny", "iresnet_tiny_s2"])
+@pytest.mark.parametrize("name", ["mbf", "iresnet_tiny", "iresnet_tiny_s2", "iresnet_nano_s2"])
 def test_small_networks_inferred(name: str) -> None:
     assert infer_network(create_model(name, num_features=128).state_dict()) == (name, 128)
 
