@@ -37,7 +37,6 @@ of the impostor scores that the largest target FAR needs.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import math
 import os
@@ -183,24 +182,13 @@ def _decode(path: str, data: bytes) -> str:
         ) from None
 
 
-def _check_utf8(path: str) -> None:
-    """Raise as :func:`_decode` does when the file is not UTF-8, reading it in 16 MiB pieces.
-
-    numpy's text reader decodes while its C tokenizer reads; a file that fails to decode part-way
-    then unwinds through that C code. Checking first means numpy only ever reads valid text (one
-    unexplained SIGSEGV inside ``np.loadtxt`` was seen in a full test run on fuzzed files).
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")()
+def _is_ascii_file(path: str) -> bool:
+    """Whether every byte of the file is ASCII (read in 16 MiB pieces)."""
     with open(path, "rb") as f:
-        try:
-            while chunk := f.read(1 << 24):
-                decoder.decode(chunk)
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            pass
-        else:
-            return
-    _decode(path, _read_bytes(path))  # the whole file, to name the line and offset
+        while chunk := f.read(1 << 24):
+            if not chunk.isascii():
+                return False
+    return True
 
 
 def _lines(text: str) -> list[str]:
@@ -257,7 +245,10 @@ def read_template_pair_list(path: PathLike) -> tuple[np.ndarray, np.ndarray, np.
 
     Parsed by numpy's C reader (``np.loadtxt`` of numpy 2: 15.6M lines in about 2.5 s here, strict
     about the number of fields on every line; blank lines are skipped, as pandas does for
-    insightface); a malformed file is then re-read line by line to name the first bad line.
+    insightface); a malformed file is then re-read line by line to name the first bad line. A file
+    with any non-ASCII byte is read line by line in Python instead (same rules: fields split on any
+    Unicode whitespace): numpy 2.4's reader crashes the interpreter (SIGSEGV) on some such files, for
+    example one line holding U+EF5D5, and the real files are ASCII.
 
     Returns:
         ``(t1, t2, labels)``: int64 ``[n]`` template ids and bool ``[n]`` (True = genuine pair).
@@ -268,9 +259,10 @@ def read_template_pair_list(path: PathLike) -> tuple[np.ndarray, np.ndarray, np.
     """
     where = os.fspath(path)
     _check_not_empty(where)
-    _check_utf8(where)
+    if not _is_ascii_file(where):
+        return _read_pairs_in_python(where)
     try:
-        table: np.ndarray = np.loadtxt(where, dtype=np.int64, comments=None, ndmin=2, encoding="utf-8")
+        table: np.ndarray = np.loadtxt(where, dtype=np.int64, comments=None, ndmin=2, encoding="ascii")
     except ValueError:
         table = np.zeros((0, 0), np.int64)
     if table.shape[1:] == (3,) and table.shape[0]:
@@ -278,6 +270,23 @@ def read_template_pair_list(path: PathLike) -> tuple[np.ndarray, np.ndarray, np.
         if table.min() >= 0 and bool(np.all((labels == 0) | (labels == 1))):
             return np.ascontiguousarray(table[:, 0]), np.ascontiguousarray(table[:, 1]), labels == 1
     _raise_at_bad_line(where, _lines(_decode(where, _read_bytes(where))), _check_pair_line)
+
+
+def _read_pairs_in_python(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`read_template_pair_list` for a file that is not ASCII: one line at a time."""
+    lines = _lines(_decode(path, _read_bytes(path)))
+    rows: list[tuple[int, int, int]] = []
+    for line in lines:
+        fields = line.split()
+        if not fields:
+            continue
+        if _check_pair_line(fields) is not None:
+            _raise_at_bad_line(path, lines, _check_pair_line)
+        rows.append((int(fields[0]), int(fields[1]), int(fields[2])))
+    if not rows:
+        _raise_at_bad_line(path, lines, _check_pair_line)
+    table = np.array(rows, dtype=np.int64)
+    return np.ascontiguousarray(table[:, 0]), np.ascontiguousarray(table[:, 1]), table[:, 2] == 1
 
 
 def _name_first_table(
@@ -303,6 +312,8 @@ def _name_first_table(
         names.append(fields[0])
         numbers.append(" ".join(fields[1:]))
     if not names:
+        _raise_at_bad_line(path, lines, check)
+    if not all(map(str.isascii, numbers)):  # no valid number is; and numpy's reader is kept to ASCII
         _raise_at_bad_line(path, lines, check)
     try:
         # numpy's C reader converts the numbers of the fields split above (never the names, which

@@ -407,6 +407,23 @@ def test_blank_lines_and_crlf_are_read_like_pandas(tmp_path: Path) -> None:
     assert names == ["a.jpg", "b.jpg"] and tpl.tolist() == [3, 4] and med.tolist() == [1, 2]
 
 
+def test_non_ascii_pair_files_are_read_without_numpy(tmp_path: Path) -> None:
+    # numpy 2.4's np.loadtxt on this file (17 bytes the IJB fuzz test drew) kills the interpreter
+    # with SIGSEGV; the reader must refuse it with its own error instead.
+    crash = tmp_path / "ijbc_template_pair_label.txt"
+    crash.write_bytes(b"\xe3\x80\x80\n\xf3\xaf\x97\x95\xc3\x86\n3 3 0\n")
+    with pytest.raises(ijb.IJBMetaError, match=r"ijbc_template_pair_label.txt:2: expected 3 fields"):
+        ijb.read_template_pair_list(crash)
+    # Unicode whitespace still separates fields and blank lines are still skipped, as in the ASCII path.
+    t1, t2, labels = ijb.read_template_pair_list(_write(tmp_path / "u.txt", "1\u30002 1\n\u3000\n3\xa04 0\n"))
+    np.testing.assert_array_equal(np.c_[t1, t2, labels], [[1, 2, 1], [3, 4, 0]])
+    assert t1.dtype == t2.dtype == np.int64 and labels.dtype == np.bool_
+    with pytest.raises(ijb.IJBMetaError, match=r"u2.txt:2: .*label of 0 or 1"):
+        ijb.read_template_pair_list(_write(tmp_path / "u2.txt", "1 2 1\n3\u30004 2\n"))
+    with pytest.raises(ijb.IJBMetaError, match=r"u3.txt: no data lines"):
+        ijb.read_template_pair_list(_write(tmp_path / "u3.txt", "\u3000\n \n"))
+
+
 def test_per_face_file_errors_name_file_and_line(tmp_path: Path) -> None:
     face = _write(tmp_path / "face.txt", "1.jpg 3 1\n2.jpg 3\n")
     with pytest.raises(ijb.IJBMetaError, match=r"face.txt:2: expected 3 fields"):
