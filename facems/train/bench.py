@@ -16,7 +16,9 @@ synchronised before and after:
 comparison on the same card: the same backbone followed by an ArcFace margin-softmax classification
 layer over ``num_classes`` identities (:class:`facems.losses.MarginHead`, s = 64, m = 0.5; 85,742 is
 MS1MV2's count; a single GPU holds all the classes, as arcface_torch's partial FC with sample rate 1
-does), trained with the same SGD. Labels are then drawn at random from the classes.
+does), trained with the same SGD. Labels are then drawn at random from the classes. Under DDP each
+rank keeps a whole copy of that layer (arcface_torch shards it and gathers the embeddings instead),
+so the comparison is meant for one GPU.
 
 The batches are random pixels with P x K labels (K images per identity, distinct identities per
 rank), prepared before timing, so no decoding or disk is involved: this measures the model, the
