@@ -103,4 +103,4 @@ def test_init_from_that_does_not_fit_is_a_clear_error(tmp_path: Path) -> None:
         "train.max_steps=1",
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "model.init_from" in result.stderr and "does not fit iresnet_tiny" in result.stderr
+    assert "model.init_from" in result.stderr and "does not fit iresnet_nano_s2" in result.stderr
