@@ -20,20 +20,15 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from _fuzz import fuzz_settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from facems.data.binfile import BinFileError, load_bin
 
 pytestmark = pytest.mark.timeout(120)
 
-FUZZ = settings(
-    max_examples=120,
-    deadline=1000,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz_settings(120)
 SIZE = (16, 16)
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from _fuzz import Draw, fuzz_settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -42,15 +43,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning"),
 ]
 
-FUZZ = settings(
-    max_examples=80,
-    deadline=1000,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-Draw = Callable[[st.SearchStrategy[Any]], Any]
+FUZZ = fuzz_settings(80)
 
 
 def _small_state() -> dict[str, Any]:

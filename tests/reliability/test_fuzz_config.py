@@ -10,28 +10,21 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from _fuzz import Draw, fuzz_settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from facems.config import ConfigError, config_to_dict, list_presets, load_config
 
 pytestmark = pytest.mark.timeout(120)
 
-FUZZ = settings(
-    max_examples=120,
-    deadline=1000,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz_settings(120)
 
-Draw = Callable[[st.SearchStrategy[Any]], Any]
 PRESET_DIR = Path(__file__).resolve().parents[2] / "facems" / "configs"
 PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
 DEFAULTS = config_to_dict(load_config())

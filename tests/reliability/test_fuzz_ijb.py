@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from _fuzz import Draw, fuzz_settings
+from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from facems.protocols.ijb import (
@@ -31,15 +32,8 @@ from facems.protocols.ijb import (
 
 pytestmark = pytest.mark.timeout(120)
 
-FUZZ = settings(
-    max_examples=60,
-    deadline=1000,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz_settings(60)
 
-Draw = Callable[[st.SearchStrategy[Any]], Any]
 
 # ---------------------------------------------------------------------------------------------------
 # Reference readers

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from _fuzz import fuzz_settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from facems.data.recordio import (
@@ -34,13 +35,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "recordio"
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 
-FUZZ = settings(
-    max_examples=120,
-    deadline=1000,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz_settings(120)
 
 # ---------------------------------------------------------------------------------------------------
 # Reference readers: the format written out as plain loops over the whole file's bytes

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import scipy.io
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from _fuzz import Draw, fuzz_settings
+from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from facems.protocols.retrieval import (
@@ -36,15 +37,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::scipy.io.matlab.MatReadWarning"),
 ]
 
-FUZZ = settings(
-    max_examples=100,
-    deadline=1000,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz_settings(100)
 
-Draw = Callable[[st.SearchStrategy[Any]], Any]
 Split = tuple[list[str], list[int]]
 
 # ---------------------------------------------------------------------------------------------------
