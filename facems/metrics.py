@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import KFold
 
 __all__ = [
     "DEFAULT_FARS",
@@ -210,6 +209,8 @@ class KFoldResult:
 
 def _fold_splits(num_pairs: int, nfolds: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """insightface's ``LFold``: sklearn ``KFold(nfolds, shuffle=False)``; one fold trains and tests on all."""
+    from sklearn.model_selection import KFold  # imported here: sklearn adds ~2 s to every process start
+
     indices = np.arange(num_pairs)
     if nfolds == 1:
         return [(indices, indices)]

@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
 from facems.protocols.retrieval import (
     RetrievalDataset,
@@ -110,6 +109,8 @@ class RetrievalTrainDataset(Dataset):
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip = bool(flip)
+        from torchvision.transforms import v2  # imported here: torchvision (and torch._dynamo) take ~2.5 s
+
         steps: list[nn.Module] = [
             v2.Resize(self.resize, antialias=True),
             v2.RandomResizedCrop(self.crop, scale=self.scale, ratio=self.ratio, antialias=True),

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Union
 
 import numpy as np
-import sklearn.preprocessing
 import torch
 from torch import Tensor, nn
 
@@ -95,6 +94,8 @@ def evaluate_pairs(
         row = int(np.flatnonzero(~np.all(np.isfinite(emb), axis=1))[0])
         raise ValueError(f"embeddings: expected finite values, row {row} is not (the model output NaN/inf?)")
     norm = float(np.mean(np.linalg.norm(emb, axis=1))) if xnorm is None else float(xnorm)
+    import sklearn.preprocessing  # imported here: sklearn adds ~2 s to every process start
+
     normed = sklearn.preprocessing.normalize(emb)
     kfold = kfold_accuracy(normed, flags, nfolds=nfolds)
     labels = flags.astype(bool)

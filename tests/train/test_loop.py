@@ -30,7 +30,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(root: Path, out: Path, *extra: str) -> Any:
-    """iresnet_tiny, P x K = 3 x 2 per rank: 8 steps per epoch on one process."""
+    """iresnet_tiny_s2, P x K = 3 x 2 per rank: 8 steps per epoch on one process."""
     return load_config(
         None,
         [
@@ -42,7 +42,7 @@ def tiny_config(root: Path, out: Path, *extra: str) -> Any:
             "data.k=2",
             "data.num_workers=0",
             "data.pin_memory=false",
-            "model.name=iresnet_tiny",
+            "model.name=iresnet_tiny_s2",
             "model.num_features=32",
             "optim.lr=0.05",
             "optim.grad_clip=5.0",
@@ -104,7 +104,7 @@ def test_fit_writes_the_run_folder(data_root: Path, tmp_path: Path) -> None:
     evals = [r for r in records if "eval" in r]
     assert [r["step"] for r in evals] == [0, 4, 5]  # at start, every 4 steps, at the end
     assert 0.0 <= evals[-1]["eval"]["cplfw"]["accuracy"] <= 1.0
-    backbone = create_model("iresnet_tiny", num_features=32)
+    backbone = create_model("iresnet_tiny_s2", num_features=32)
     backbone.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     found = CheckpointManager(out).load_latest()
     assert found is not None and found[0]["step"] == 5
@@ -182,33 +182,41 @@ def test_repeated_non_finite_steps_stop_training(data_root: Path, tmp_path: Path
     assert not list((tmp_path / "div").glob("checkpoint_*.pt"))
 
 
-def _ddp_run(rank: int, world: int, root: str, out: str, max_steps: int) -> dict[str, Any]:
-    trainer = run(tiny_config(Path(root), Path(out), f"train.max_steps={max_steps}", "data.p=2"))
-    return {
-        "step": trainer.step,
-        "params": {k: v.tolist() for k, v in params(trainer).items() if v.is_floating_point()},
-        "resumed": trainer.resumed_from is not None,
-    }
+def _ddp_runs(rank: int, world: int, root: str, runs: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """Train to ``max_steps`` in each ``(out, max_steps)`` run in turn, in the same two processes."""
+    results = []
+    for out, max_steps in runs:
+        trainer = run(tiny_config(Path(root), Path(out), f"train.max_steps={max_steps}", "data.p=2"))
+        results.append(
+            {
+                "step": trainer.step,
+                "params": {k: v for k, v in params(trainer).items() if v.is_floating_point()},
+                "resumed": trainer.resumed_from is not None,
+            }
+        )
+    return results
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_two_process_run_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
-    # P=2 x K=2 per rank, 2 ranks: 8 images per global step, 48 images: 6 steps per epoch.
-    straight = run_in_ddp(2, _ddp_run, str(data_root), str(tmp_path / "a"), 8, timeout=240)
-    run_in_ddp(2, _ddp_run, str(data_root), str(tmp_path / "b"), 4, timeout=240)
-    resumed = run_in_ddp(2, _ddp_run, str(data_root), str(tmp_path / "b"), 8, timeout=240)
+    # P=2 x K=2 per rank, 2 ranks: 8 images per global step, 48 images: 6 steps per epoch. The straight
+    # run and the run stopped at step 4 share one pair of processes (each Trainer seeds itself from
+    # the config); the resume starts fresh processes, as a restarted job would.
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    first = run_in_ddp(2, _ddp_runs, str(data_root), [(a, 8), (b, 4)], timeout=240)
+    straight = [first[0][0], first[1][0]]
+    assert first[0][1]["step"] == 4 and not first[0][1]["resumed"]
+    resumed = [r[0] for r in run_in_ddp(2, _ddp_runs, str(data_root), [(b, 8)], timeout=240)]
     assert resumed[0]["resumed"] and resumed[0]["step"] == 8
     # Rank 0 ends exactly where the straight run did, BatchNorm statistics included. BN statistics
     # are rank-local (as in arcface_torch) and a checkpoint holds rank 0's, so after a resume rank 1
     # continues from rank 0's statistics; its trained weights are the same as rank 0's (DDP).
     for key, value in straight[0]["params"].items():
-        torch.testing.assert_close(
-            torch.tensor(resumed[0]["params"][key]), torch.tensor(value), rtol=0, atol=1e-6, msg=key
-        )
+        torch.testing.assert_close(resumed[0]["params"][key], value, rtol=0, atol=1e-6, msg=key)
     for key in (k for k in straight[0]["params"] if "running" not in k):
-        assert straight[0]["params"][key] == straight[1]["params"][key], key
-        assert resumed[1]["params"][key] == resumed[0]["params"][key], key
+        assert torch.equal(straight[0]["params"][key], straight[1]["params"][key]), key
+        assert torch.equal(resumed[1]["params"][key], resumed[0]["params"][key]), key
     records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert train_records[-1]["images"] == 8 * 2 * 2 * 2  # steps x P x K x ranks: all ranks counted
