@@ -53,7 +53,7 @@ def test_default_is_synthetic_demo_and_matches_the_brief() -> None:
     assert (cfg.data.p, cfg.data.k) == (8, 8)
     assert cfg.train.precision == "auto"
     assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.003)
-    assert cfg.eval.at_start and cfg.schedule.epochs == 6
+    assert cfg.eval.at_start and cfg.schedule.epochs == 7
     assert cfg.data.root == "data/synthetic"
     assert cfg.train.output_dir == "work_dirs/synthetic_demo"
     # MS loss at the official defaults, not pytorch-metric-learning's beta 50
@@ -257,7 +257,7 @@ def test_bad_literal_suggests_closest() -> None:
         ("optim.betas=[0.9, 1.0]", "optim.betas"),
         ("optim.grad_clip=0", "optim.grad_clip"),
         ("schedule.epochs=0", "schedule.epochs"),
-        ("schedule.warmup_epochs=6", "schedule.warmup_epochs"),  # = epochs of the default preset
+        ("schedule.warmup_epochs=7", "schedule.warmup_epochs"),  # = epochs of the default preset
         ("schedule.min_lr=1.0", "schedule.min_lr"),
         ("loss.chunk_size=0", "loss.chunk_size"),
         ("loss.xbm_size=-1", "loss.xbm_size"),
