@@ -59,13 +59,9 @@ def make_trainer(root: str, out: str) -> Trainer:
     return Trainer(cfg, init_distributed("cpu"))
 
 
-def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Tensors, not lists: torch.load(weights_only=True) of millions of Python floats takes seconds.
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _hook_on_call(module: torch.nn.Module, call: int, action: Any, training: bool = True) -> None:
@@ -96,7 +92,7 @@ def _scenario(rank: int, world: int, root: str, out: str) -> dict[str, Any]:
             {
                 "step": t.step,
                 "results": results,
-                "own_buffers": _plain(own),
+                "own_buffers": _copy(own),
                 "buffers_restored": all(torch.equal(own[k], after[k]) for k in own),
             }
         )
@@ -136,7 +132,7 @@ def _scenario(rank: int, world: int, root: str, out: str) -> dict[str, Any]:
         torch.save = real_save
     result["phase1_step"] = t.step
     result["phase1_bad_total"] = t.bad_total
-    result["phase1_params"] = _plain({k: p for k, p in t.net.named_parameters()})
+    result["phase1_params"] = _copy({k: p for k, p in t.net.named_parameters()})
     result["phase1_files"] = sorted(os.listdir(out))
     result["evals"] = evals
     # ---- phase 2: the same command again
@@ -150,7 +146,7 @@ def _scenario(rank: int, world: int, root: str, out: str) -> dict[str, Any]:
     except TrainingInterrupted as e:
         result["stop"] = [e.signum, e.step]
     result["phase2_step"] = t2.step
-    result["phase2_params"] = _plain({k: p for k, p in t2.net.named_parameters()})
+    result["phase2_params"] = _copy({k: p for k, p in t2.net.named_parameters()})
     return result
 
 
@@ -172,7 +168,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300
 def test_one_rank_non_finite_loss_is_skipped_on_every_rank(scenario: Any) -> None:
     _, _, (r0, r1) = scenario
     assert r0["phase1_bad_total"] == r1["phase1_bad_total"] == 1
-    assert _equal(r0["phase1_params"], r1["phase1_params"])  # the same update (none in step 3) on both ranks
+    torch.testing.assert_close(
+        r0["phase1_params"], r1["phase1_params"], rtol=0, atol=0
+    )  # the same update (none in step 3) on both ranks
 
 
 def test_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous_one(scenario: Any) -> None:
@@ -192,7 +190,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_after_the_same_step(scenario: Any) 
     assert r0["stop"] == r1["stop"] == [int(signal.SIGTERM), 4]
     assert r0["phase2_step"] == r1["phase2_step"] == 4
     assert load_checkpoint(out / "checkpoint_last.pt")["step"] == 4
-    assert _equal(r0["phase2_params"], r1["phase2_params"])
+    torch.testing.assert_close(r0["phase2_params"], r1["phase2_params"], rtol=0, atol=0)
 
 
 def test_evaluation_with_a_slow_rank_agrees_and_reports_the_saved_model(scenario: Any) -> None:

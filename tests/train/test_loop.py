@@ -13,7 +13,7 @@ from facems.config import load_config
 from facems.data.synthetic import SyntheticFaces
 from facems.data.synthetic_release import write_pair_bin, write_train_pack
 from facems.models import create_model
-from facems.testing import run_in_ddp
+from facems.testing import run_in_ddp, tiny_run_overrides
 from facems.train.checkpoint import CheckpointManager
 from facems.train.distributed import init_distributed
 from facems.train.loop import Trainer, TrainingDiverged, resolve_precision
@@ -30,34 +30,20 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(root: Path, out: Path, *extra: str) -> Any:
-    """iresnet_tiny_s2, P x K = 3 x 2 per rank: 8 steps per epoch on one process."""
-    return load_config(
-        None,
-        [
-            "name=tiny",
-            f"data.root={root}",
-            f"train.output_dir={out}",
-            "data.val_targets=[cplfw]",
-            "data.p=3",
-            "data.k=2",
-            "data.num_workers=0",
-            "data.pin_memory=false",
-            "model.name=iresnet_tiny_s2",
-            "model.num_features=32",
-            "optim.lr=0.05",
-            "optim.grad_clip=5.0",
-            "schedule.epochs=2",
-            "schedule.warmup_epochs=0.5",
-            "train.deterministic=true",
-            "train.precision=fp32",
-            "train.checkpoint_every=3",
-            "eval.every_steps=4",
-            "eval.batch_size=16",
-            "log.every_steps=1",
-            "log.tensorboard=false",
-            *extra,
-        ],
+    """facems.testing's tiny run (iresnet_tiny_s2, P x K = 3 x 2 per rank: 8 steps per epoch on one
+    process) with cplfw evaluated every 4 steps and a checkpoint every 3."""
+    overrides = tiny_run_overrides(
+        "tiny",
+        root,
+        out,
+        "data.val_targets=[cplfw]",
+        "schedule.warmup_epochs=0.5",
+        "train.checkpoint_every=3",
+        "eval.every_steps=4",
+        "eval.batch_size=16",
+        *extra,
     )
+    return load_config(None, overrides)
 
 
 def run(cfg: Any) -> Trainer:
